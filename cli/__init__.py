@@ -1,0 +1,1 @@
+"""The ``acl-convert`` command line (installed as the ``acl_convert_cli`` package)."""
