@@ -1,0 +1,22 @@
+"""Kernel families of the Analytic Convolutional Layer, as data in one registry.
+
+>>> import torch
+>>> from acl_convert import kernels
+>>> gabor = kernels.get("G")            # or kernels.get("gabor")
+>>> gabor.param_names
+('lambda', 'theta', 'psi', 'sigma')
+>>> gabor(torch.tensor([[4.0, 0.3, 0.0, 1.5]]), 7, 7).shape
+torch.Size([1, 7, 7])
+
+Each family module registers itself on import. ``PAPER_FAMILIES`` fixes the order in which
+the fitter, the report and the CLI list the paper's analytic families.
+"""
+
+from . import gabor, log, lot, mean, plain, tgd  # noqa: F401  (registration side effect)
+from .family import KernelFamily, Param, grid
+from .registry import codes, families, get, register
+
+#: The analytic families of the paper, in the order the fitter tries them by default.
+PAPER_FAMILIES = ("G", "Lg", "Tf", "Ts", "Lt", "M")
+
+__all__ = ["KernelFamily", "Param", "grid", "get", "register", "families", "codes", "PAPER_FAMILIES"]
