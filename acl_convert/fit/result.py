@@ -1,0 +1,107 @@
+"""What a fit produces, and how a family is chosen per kernel (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import kernels, pattern
+
+__all__ = ["FitResult", "Selection", "SELECT_MODES"]
+
+SELECT_MODES = ("best", "compact")
+
+
+@dataclass
+class Selection:
+    """The family chosen for every kernel.
+
+    Attributes:
+        codes: family code per kernel (``P`` where no family qualified), length ``N``.
+        choice: ``(N,)`` column of :attr:`FitResult.residuals` chosen, ``-1`` for plain.
+        residual: ``(N,)`` relative residual of the chosen family (0 for plain).
+    """
+
+    codes: list[str]
+    choice: Tensor
+    residual: Tensor
+
+    def totals(self) -> dict[str, int]:
+        return pattern.totals(self.codes)
+
+
+@dataclass
+class FitResult:
+    """Per-kernel, per-family fits of ``N`` kernels of size ``h x w``.
+
+    Attributes:
+        families: family codes, the column order of :attr:`residuals`.
+        residuals: ``(N, F)`` relative L2 residual ``|W - W_hat| / |W|`` (0 for all-zero kernels).
+        params: ``code -> (N, P)`` canonical AKPs in the paper's units.
+        gain: ``code -> (N,)`` gains ``g`` of ``g * f + b``.
+        offset: ``code -> (N,)`` offsets ``b`` (zeros when the offset is off, and for Mean,
+            whose constant is carried by the gain).
+        kernel_size: ``(h, w)``.
+        offset_enabled: whether offsets were fitted.
+    """
+
+    families: list[str]
+    residuals: Tensor
+    params: dict[str, Tensor]
+    gain: dict[str, Tensor]
+    offset: dict[str, Tensor]
+    kernel_size: tuple[int, int]
+    offset_enabled: bool
+
+    def __len__(self) -> int:
+        return self.residuals.shape[0]
+
+    def param_count(self, code: str) -> int:
+        """Learnable values of one converted kernel of family ``code``: AKPs + gain (+ offset)."""
+        h, w = self.kernel_size
+        return pattern.params_per_kernel(code, h, w, gain=True, offset=self.offset_enabled)
+
+    def eligible(self) -> Tensor:
+        """``(F,)`` bool: a family only saves parameters when it needs fewer than ``h*w``."""
+        h, w = self.kernel_size
+        return torch.tensor([self.param_count(c) < h * w for c in self.families])
+
+    def fitted(self, code: str) -> Tensor:
+        """The fitted kernels ``g * f(AKPs) + b`` of family ``code``, ``(N, h, w)``."""
+        h, w = self.kernel_size
+        fam = kernels.get(code)
+        base = fam(self.params[code], h, w)
+        return self.gain[code][:, None, None] * base + self.offset[code][:, None, None]
+
+    def select(self, threshold: float, mode: str = "best") -> Selection:
+        """Choose a family per kernel (SPEC §4).
+
+        ``best``: the eligible family with the lowest residual, kept if ``r <= threshold``.
+        ``compact``: among eligible families with ``r <= threshold``, the one with the fewest
+        parameters (ties: lower residual). In both modes exact residual ties go to the family
+        with fewer parameters, so an all-zero kernel becomes Mean. Kernels with no qualifying
+        family stay plain (``P``).
+        """
+        if mode not in SELECT_MODES:
+            raise ValueError(f"selection mode must be one of {SELECT_MODES}, got {mode!r}")
+        if not threshold >= 0:
+            raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        counts = torch.tensor([float(self.param_count(c)) for c in self.families])
+        res = self.residuals.double()
+        ok = self.eligible()[None, :] & torch.isfinite(res)
+        if mode == "best":
+            # Lexicographic (residual, parameter count): the count only breaks exact ties.
+            key = res + counts[None, :] * 1e-12
+        else:
+            ok = ok & (res <= threshold)
+            key = counts[None, :] + res.clamp(0, 1e3) * 1e-6
+        key = torch.where(ok, key, torch.full_like(key, float("inf")))
+        best_key, choice = key.min(1)
+        chosen_res = res.gather(1, choice[:, None])[:, 0] if res.shape[1] else best_key
+        keep = torch.isfinite(best_key) & (chosen_res <= threshold)
+        choice = torch.where(keep, choice, torch.full_like(choice, -1))
+        codes = [self.families[c] if c >= 0 else "P" for c in choice.tolist()]
+        residual = torch.where(keep, chosen_res, torch.zeros_like(chosen_res)).to(self.residuals.dtype)
+        return Selection(codes=codes, choice=choice, residual=residual)
