@@ -18,13 +18,16 @@ def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     Call this for every output before any long work starts."""
     path = Path(path)
     if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another "
-                         "output with -o")
+        raise UsageError(
+            f"{path} already exists; pass --force to overwrite it or choose another output with -o"
+        )
     if path.exists() and path.is_dir():
         raise UsageError(f"{path} is a folder; give a file name")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist; create it or choose another output")
+        raise UserError(
+            f"output folder {folder} does not exist; create it or choose another output"
+        )
     if not os.access(folder, os.W_OK):
         raise UserError(f"output folder {folder} is not writable; choose another output with -o")
     return path

@@ -67,11 +67,28 @@ class ACL(nn.Module):
         # nn.Conv2d validates every argument and normalises tuples and string paddings; a meta
         # tensor costs nothing, and we inherit its exact semantics and error messages.
         proto = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, device="meta",
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device="meta",
         )
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(self, attr, getattr(proto, attr))
         h, w = self.kernel_size
         n_kernels = out_channels * (in_channels // groups)
@@ -80,8 +97,15 @@ class ACL(nn.Module):
         self.offset_enabled = bool(offset)
 
         # Plain kernels and bias start as nn.Conv2d would start them.
-        init = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=bias,
-                         device=device, dtype=dtype)
+        init = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            groups=groups,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         if generator is not None:
             # Same distribution as nn.Conv2d's kaiming_uniform(a=sqrt(5)) init, but reproducible.
             with torch.no_grad():
@@ -156,8 +180,14 @@ class ACL(nn.Module):
             bias: ``(Co,)`` or None for no bias.
         """
         layer = cls(
-            in_channels, out_channels, kernel_size, bias=bias is not None, assignment=codes,
-            gain=bool(gains), offset=bool(offsets), **conv_kwargs,
+            in_channels,
+            out_channels,
+            kernel_size,
+            bias=bias is not None,
+            assignment=codes,
+            gain=bool(gains),
+            offset=bool(offsets),
+            **conv_kwargs,
         )
         layer.set_values(akps, gains=gains, offsets=offsets, plain=plain, bias=bias)
         return layer
@@ -178,11 +208,22 @@ class ACL(nn.Module):
         flat = conv.weight.detach().reshape(-1, h, w)
         plain_idx = [k for k, c in enumerate(codes) if c == _PLAIN]
         return cls.from_assignment(
-            conv.in_channels, conv.out_channels, conv.kernel_size, codes, akps,
-            gains=gains, offsets=offsets, plain=flat[plain_idx] if plain_idx else None,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            codes,
+            akps,
+            gains=gains,
+            offsets=offsets,
+            plain=flat[plain_idx] if plain_idx else None,
             bias=None if conv.bias is None else conv.bias.detach(),
-            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
         )
 
     @torch.no_grad()
@@ -213,7 +254,9 @@ class ACL(nn.Module):
         if self.plain is not None:
             if plain is None or tuple(plain.shape) != tuple(self.plain.shape):
                 got = None if plain is None else tuple(plain.shape)
-                raise ValueError(f"plain kernels must have shape {tuple(self.plain.shape)}, got {got}")
+                raise ValueError(
+                    f"plain kernels must have shape {tuple(self.plain.shape)}, got {got}"
+                )
             self.plain.copy_(plain)
         if self.bias is not None and bias is not None:
             self.bias.copy_(bias)
@@ -232,8 +275,11 @@ class ACL(nn.Module):
 
     def _codes_with_buffers(self) -> list[str]:
         prefix = "index_"
-        return [name[len(prefix):] for name, _ in self.named_buffers(recurse=False)
-                if name.startswith(prefix)]
+        return [
+            name[len(prefix) :]
+            for name, _ in self.named_buffers(recurse=False)
+            if name.startswith(prefix)
+        ]
 
     @property
     def num_kernels(self) -> int:
@@ -323,9 +369,17 @@ class ACL(nn.Module):
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the synthesised weight baked in (identical output)."""
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-            device=self._device(), dtype=self._dtype(),
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device=self._device(),
+            dtype=self._dtype(),
         )
         with torch.no_grad():
             conv.weight.copy_(self.synthesize())
@@ -340,7 +394,9 @@ class ACL(nn.Module):
         for code in list(self.akp.keys()):
             fam = kernels.get(code)
             gain = self.gain[code] if code in self.gain else None
-            akp, new_gain = fam.canonicalize(self.akps(code), None if gain is None else gain.clone())
+            akp, new_gain = fam.canonicalize(
+                self.akps(code), None if gain is None else gain.clone()
+            )
             self.akp[code].copy_(fam.to_unconstrained(akp))
             if gain is not None:
                 gain.copy_(new_gain)
@@ -361,7 +417,9 @@ class ACL(nn.Module):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
-        extras = [n for n, on in (("gain", self.gain_enabled), ("offset", self.offset_enabled)) if on]
+        extras = [
+            n for n, on in (("gain", self.gain_enabled), ("offset", self.offset_enabled)) if on
+        ]
         if extras:
             s += ", " + "+".join(extras)
         return s + f", pattern={self.pattern}, compact_factor={self.compact_factor():.4f}"

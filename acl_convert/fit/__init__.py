@@ -7,5 +7,11 @@ initialisation, :mod:`.lm` the batched refinement, :mod:`.result` the result and
 from .engine import DEFAULT_MEMORY, fit_kernels, resolve_device
 from .result import SELECT_MODES, FitResult, Selection
 
-__all__ = ["fit_kernels", "FitResult", "Selection", "SELECT_MODES", "resolve_device",
-           "DEFAULT_MEMORY"]
+__all__ = [
+    "fit_kernels",
+    "FitResult",
+    "Selection",
+    "SELECT_MODES",
+    "resolve_device",
+    "DEFAULT_MEMORY",
+]

@@ -63,7 +63,7 @@ class Dictionary:
         takes any sign) with the projected kernels ``w_proj`` of shape ``(N, h*w)``."""
         out = []
         for start in range(0, w_proj.shape[0], chunk):
-            scores = (w_proj[start:start + chunk] @ self.atoms.T).abs_()
+            scores = (w_proj[start : start + chunk] @ self.atoms.T).abs_()
             out.append(scores.topk(k, dim=1).indices)
         return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=w_proj.device)
 
@@ -82,8 +82,9 @@ def _axis(family: KernelFamily, k: int, h: int, w: int, shift: float) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _build_cached(family: KernelFamily, h: int, w: int, offset: bool, seed: int, device: str,
-                  dtype: torch.dtype) -> Dictionary:
+def _build_cached(
+    family: KernelFamily, h: int, w: int, offset: bool, seed: int, device: str, dtype: torch.dtype
+) -> Dictionary:
     gen = torch.Generator().manual_seed(seed)
     # A random shift of the whole grid (one per axis) makes the dictionary depend on the seed
     # while keeping its regular coverage: a randomly shifted lattice.
@@ -98,8 +99,16 @@ def _build_cached(family: KernelFamily, h: int, w: int, offset: bool, seed: int,
     return Dictionary(u.to(device=device, dtype=dtype), atoms.to(device=device, dtype=dtype))
 
 
-def build(family: KernelFamily, h: int, w: int, *, offset: bool, seed: int,
-          device: torch.device, dtype: torch.dtype) -> Dictionary:
+def build(
+    family: KernelFamily,
+    h: int,
+    w: int,
+    *,
+    offset: bool,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Dictionary:
     """The (cached) dictionary of ``family`` for ``h x w`` kernels. Built in float64 on the CPU
     (it is small) and moved to ``device``/``dtype``."""
     return _build_cached(family, h, w, bool(offset), int(seed), str(device), dtype)

@@ -34,14 +34,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but no CUDA GPU is available; "
-                         "use --device cpu or auto")
+        raise ValueError(
+            f"device {str(device)!r} was requested but no CUDA GPU is available; "
+            "use --device cpu or auto"
+        )
     return dev
 
 
 def _check_input(W: Tensor) -> Tensor:
     if not isinstance(W, Tensor):
-        raise TypeError(f"kernels must be a torch.Tensor of shape (N, h, w), got {type(W).__name__}")
+        raise TypeError(
+            f"kernels must be a torch.Tensor of shape (N, h, w), got {type(W).__name__}"
+        )
     if W.ndim != 3:
         raise ValueError(f"kernels must have shape (N, h, w), got {tuple(W.shape)}")
     if W.shape[1] * W.shape[2] < 2:
@@ -53,16 +57,20 @@ def _check_input(W: Tensor) -> Tensor:
         W = W.float()
     bad = (~torch.isfinite(W)).flatten(1).any(1)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} of {len(W)} kernels contain NaN or Inf values; "
-                         "fix or drop them before fitting")
+        raise ValueError(
+            f"{int(bad.sum())} of {len(W)} kernels contain NaN or Inf values; "
+            "fix or drop them before fitting"
+        )
     return W
 
 
 def _resolve_families(families: Sequence[str] | None) -> list[str]:
     codes = [kernels.get(f).code for f in (families or kernels.PAPER_FAMILIES)]
     if "P" in codes:
-        raise ValueError("'plain' is the fallback for kernels no family fits, not a family to fit; "
-                         "leave it out of families")
+        raise ValueError(
+            "'plain' is the fallback for kernels no family fits, not a family to fit; "
+            "leave it out of families"
+        )
     if len(set(codes)) != len(codes):
         raise ValueError(f"families listed twice: {codes}")
     return codes
@@ -127,12 +135,16 @@ def fit_kernels(
         akp_out = torch.zeros(n_kernels, n_akp, dtype=dtype, device=dev)
         gain_out = torch.zeros(n_kernels, dtype=dtype, device=dev)
         off_out = torch.zeros(n_kernels, dtype=dtype, device=dev)
-        book = dictionary.build(fam, h, w, offset=offset, seed=seed, device=dev, dtype=dtype) \
-            if n_akp else None
+        book = (
+            dictionary.build(fam, h, w, offset=offset, seed=seed, device=dev, dtype=dtype)
+            if n_akp
+            else None
+        )
         for lo in range(0, n_kernels, chunk):
             hi = min(lo + chunk, n_kernels)
-            u, cost, g, b = _fit_chunk(fam, book, unit[lo:hi], h, w, offset=offset,
-                                       starts=starts, max_iter=max_iter)
+            u, cost, g, b = _fit_chunk(
+                fam, book, unit[lo:hi], h, w, offset=offset, starts=starts, max_iter=max_iter
+            )
             residuals[lo:hi, col] = cost.sqrt()
             akp_out[lo:hi] = fam.from_unconstrained(u) if n_akp else u
             gain_out[lo:hi] = g * norms[lo:hi]
@@ -172,7 +184,7 @@ def _fit_chunk(
     if book is None:
         # No AKPs (Mean): the fit is the kernel's mean; carried by the gain alone, since a
         # constant kernel with a gain needs no separate offset (SPEC §4).
-        atom = torch.full((n,), n ** -0.5, dtype=unit.dtype, device=unit.device)
+        atom = torch.full((n,), n**-0.5, dtype=unit.dtype, device=unit.device)
         gain = unit @ atom
         resid = unit - gain[:, None] * atom
         return unit.new_zeros(n_chunk, 0), (resid * resid).sum(1), gain, torch.zeros_like(gain)
@@ -180,8 +192,9 @@ def _fit_chunk(
     k = min(starts, book.u.shape[0])
     idx = book.best(w_t, k)  # (C, k)
     u0 = book.u[idx.reshape(-1)]
-    u, cost = lm.refine(fam, unit.repeat_interleave(k, 0), u0, h, w, offset=offset,
-                        max_iter=max_iter)
+    u, cost = lm.refine(
+        fam, unit.repeat_interleave(k, 0), u0, h, w, offset=offset, max_iter=max_iter
+    )
     pick = cost.view(n_chunk, k).argmin(1)
     rows = torch.arange(n_chunk, device=unit.device) * k + pick
     u = u[rows]

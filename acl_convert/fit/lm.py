@@ -10,7 +10,8 @@ offset is off), ``Wt = P W`` and ``Ft = P f(u)``, the inner minimum is closed-fo
 the exact one near a minimum and cheaper.
 
 ``df/du`` comes from central differences evaluated in one batched call, so a family needs no
-hand-written derivative. Every kernel has its own damping, and kernels leave the batch once they converge.
+hand-written derivative. Every kernel has its own damping, and kernels leave the batch once
+they converge.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def _with_jacobian(family: KernelFamily, u: Tensor, h: int, w: int) -> tuple[Ten
     iteration; the step is then rejected by the true cost, never taken.
     """
     n_akp = u.shape[1]
-    shifts = torch.cat([torch.zeros(1, n_akp, dtype=u.dtype, device=u.device),
-                        _FD_STEP * torch.eye(n_akp, dtype=u.dtype, device=u.device),
-                        -_FD_STEP * torch.eye(n_akp, dtype=u.dtype, device=u.device)])
+    shifts = torch.cat(
+        [
+            torch.zeros(1, n_akp, dtype=u.dtype, device=u.device),
+            _FD_STEP * torch.eye(n_akp, dtype=u.dtype, device=u.device),
+            -_FD_STEP * torch.eye(n_akp, dtype=u.dtype, device=u.device),
+        ]
+    )
     values = _evaluate(family, u[None] + shifts[:, None, :], h, w)  # (2P+1, N, n)
-    jac = (values[1:n_akp + 1] - values[n_akp + 1:]) / (2 * _FD_STEP)
+    jac = (values[1 : n_akp + 1] - values[n_akp + 1 :]) / (2 * _FD_STEP)
     return values[0], jac.permute(1, 2, 0)
 
 

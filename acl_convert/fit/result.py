@@ -103,5 +103,7 @@ class FitResult:
         keep = torch.isfinite(best_key) & (chosen_res <= threshold)
         choice = torch.where(keep, choice, torch.full_like(choice, -1))
         codes = [self.families[c] if c >= 0 else "P" for c in choice.tolist()]
-        residual = torch.where(keep, chosen_res, torch.zeros_like(chosen_res)).to(self.residuals.dtype)
+        residual = torch.where(keep, chosen_res, torch.zeros_like(chosen_res)).to(
+            self.residuals.dtype
+        )
         return Selection(codes=codes, choice=choice, residual=residual)

@@ -19,4 +19,13 @@ from .registry import codes, families, get, register
 #: The analytic families of the paper, in the order the fitter tries them by default.
 PAPER_FAMILIES = ("G", "Lg", "Tf", "Ts", "Lt", "M")
 
-__all__ = ["KernelFamily", "Param", "grid", "get", "register", "families", "codes", "PAPER_FAMILIES"]
+__all__ = [
+    "KernelFamily",
+    "Param",
+    "grid",
+    "get",
+    "register",
+    "families",
+    "codes",
+    "PAPER_FAMILIES",
+]

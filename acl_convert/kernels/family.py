@@ -5,8 +5,9 @@ report and the CLI only ever read these fields, so a new family is one definitio
 module plus its tests.
 
 Sampling grid (paper Eqs. 2-3, SPEC §2): ``W[i, j] = f(x_i, y_j)`` with
-``x_i = i - (h+1)/2`` for rows ``i = 1..h`` and ``y_j = j - (w+1)/2`` for columns, so ``x`` runs down
-the rows, ``y`` along the columns, both centred (half-integers for even sizes). Units are pixels.
+``x_i = i - (h+1)/2`` for rows ``i = 1..h`` and ``y_j = j - (w+1)/2`` for columns, so ``x``
+runs down the rows, ``y`` along the columns, both centred (half-integers for even sizes).
+Units are pixels.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class Param:
 
     def __post_init__(self) -> None:
         if self.kind not in PARAM_KINDS:
-            raise ValueError(f"Param {self.name!r}: kind must be one of {PARAM_KINDS}, got {self.kind!r}")
+            raise ValueError(
+                f"Param {self.name!r}: kind must be one of {PARAM_KINDS}, got {self.kind!r}"
+            )
 
 
 def grid(h: int, w: int, *, device=None, dtype=None) -> tuple[Tensor, Tensor]:
@@ -126,16 +129,18 @@ class KernelFamily:
             formula, no gain and no offset.
         """
         if not isinstance(params, Tensor):
-            raise TypeError(f"{self.name}: params must be a torch.Tensor, got {type(params).__name__}")
+            raise TypeError(
+                f"{self.name}: params must be a torch.Tensor, got {type(params).__name__}"
+            )
         if not params.is_floating_point():
             raise TypeError(f"{self.name}: params must be floating point, got {params.dtype}")
+        x, y = grid(h, w, device=params.device, dtype=params.dtype)  # validates h, w first
         expected = self.param_count(h, w)
         if params.ndim == 0 or params.shape[-1] != expected:
             raise ValueError(
                 f"{self.name}: params must have shape (..., {expected}) for a {h}x{w} kernel, "
                 f"got {tuple(params.shape)}"
             )
-        x, y = grid(h, w, device=params.device, dtype=params.dtype)
         if self.plain:
             return params.reshape(*params.shape[:-1], h, w)
         akps = [params[..., k, None, None] for k in range(expected)]
@@ -180,10 +185,12 @@ class KernelFamily:
         """Random AKPs ``(n, P)`` in the initialisation ranges (log-uniform for positive AKPs)."""
         dtype = dtype or torch.get_default_dtype()
         if self.plain:
-            raise ValueError("plain kernels have no AKPs to sample; initialise them as nn.Conv2d does")
+            raise ValueError(
+                "plain kernels have no AKPs to sample; initialise them as nn.Conv2d does"
+            )
         u = torch.rand(n, len(self.params), generator=generator, dtype=dtype).to(device)
         cols = []
-        for k, (p, (lo, hi)) in enumerate(zip(self.params, self.init_ranges(h, w))):
+        for k, (p, (lo, hi)) in enumerate(zip(self.params, self.init_ranges(h, w), strict=True)):
             if p.kind == "positive":
                 cols.append(torch.exp(math.log(lo) + u[:, k] * (math.log(hi) - math.log(lo))))
             else:

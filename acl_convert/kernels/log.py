@@ -21,12 +21,18 @@ LOG = register(
         code="Lg",
         name="log",
         params=(
-            Param("sigma", "px", "positive", "(0, inf)",
-                  lambda h, w: (0.4, max(1.0, 0.5 * max(h, w))),
-                  "standard deviation of the Gaussian"),
+            Param(
+                "sigma",
+                "px",
+                "positive",
+                "(0, inf)",
+                lambda h, w: (0.4, max(1.0, 0.5 * max(h, w))),
+                "standard deviation of the Gaussian",
+            ),
         ),
         formula=_log,
-        tex=r"-\frac{1}{\pi\sigma^4}\left[1 - \frac{x^2+y^2}{2\sigma^2}\right]e^{-\frac{x^2+y^2}{2\sigma^2}}",
+        tex=r"-\frac{1}{\pi\sigma^4}\left[1 - \frac{x^2+y^2}{2\sigma^2}\right]"
+        r"e^{-\frac{x^2+y^2}{2\sigma^2}}",
         doc="Laplacian of Gaussian: a centre-surround blob detector, negative at the centre.",
     )
 )

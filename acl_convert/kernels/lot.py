@@ -22,8 +22,14 @@ LOT = register(
         code="Lt",
         name="lot",
         params=(
-            Param("sigma", "px", "positive", "(0, inf)",
-                  lambda h, w: (0.5, max(1.0, float(max(h, w)))), "decay of the surround"),
+            Param(
+                "sigma",
+                "px",
+                "positive",
+                "(0, inf)",
+                lambda h, w: (0.5, max(1.0, float(max(h, w)))),
+                "decay of the surround",
+            ),
         ),
         formula=_lot,
         tex=r"V - \mathrm{sum}(V)\,\mathbf{I}_{x=y=0},\ V = e^{-(x^2+y^2)/\sigma^2}",
