@@ -131,12 +131,18 @@ class ACL(nn.Module):
                 self.akp[code] = nn.Parameter(fam.to_unconstrained(akps))
             if self.gain_enabled:
                 self.gain[code] = nn.Parameter(torch.ones(len(idx), **factory))
-            if self.offset_enabled and fam.num_params:
+            # A Mean kernel with a gain is already any constant, so an offset would be a second
+            # parameter for the same thing (SPEC §4); without a gain the offset is its one.
+            if self.offset_enabled and (fam.num_params or not self.gain_enabled):
                 self.offset[code] = nn.Parameter(torch.zeros(len(idx), **factory))
         if _PLAIN not in codes:
             self.register_parameter("plain", None)
         self.bias = nn.Parameter(init.bias.detach().clone()) if bias else None
         self.register_buffer("_cached_weight", None, persistent=False)
+        self._cache_key: tuple = ()
+        # Follows .to()/.double() like any buffer, so even a layer without float parameters
+        # (all Mean, no gain, no bias) knows its dtype and device.
+        self.register_buffer("_anchor", torch.empty(0, **factory), persistent=False)
         self.register_load_state_dict_pre_hook(_drop_cache_hook)
 
     # --- constructors ------------------------------------------------------------------------
@@ -246,6 +252,12 @@ class ACL(nn.Module):
             if code in self.akp:
                 fam = kernels.get(code)
                 value = _checked(akps, code, (n, fam.num_params), "akps")
+                for k, p in enumerate(fam.params):
+                    if p.kind == "positive" and not bool((value[:, k] > 0).all()):
+                        raise ValueError(
+                            f"akps[{code!r}]: {p.name} must be > 0, got "
+                            f"{value[:, k].min().item():g}"
+                        )
                 self.akp[code].copy_(fam.to_unconstrained(value.to(self.akp[code])))
             if code in self.gain:
                 self.gain[code].copy_(_checked(gains, code, (n,), "gains"))
@@ -259,6 +271,10 @@ class ACL(nn.Module):
                 )
             self.plain.copy_(plain)
         if self.bias is not None and bias is not None:
+            if tuple(bias.shape) != tuple(self.bias.shape):
+                raise ValueError(
+                    f"bias must have shape {tuple(self.bias.shape)}, got {tuple(bias.shape)}"
+                )
             self.bias.copy_(bias)
         self._cached_weight = None
 
@@ -302,8 +318,13 @@ class ACL(nn.Module):
         )
 
     def family_totals(self) -> dict[str, int]:
-        """Number of kernels per family code."""
-        return {c: len(self.index(c)) for c in self.codes_present()}
+        """Number of kernels per family code: the paper's families in their usual order, then
+        any others, plain last."""
+        order = {c: i for i, c in enumerate(kernels.PAPER_FAMILIES)}
+        present = sorted(
+            self._codes_with_buffers(), key=lambda c: (c == _PLAIN, order.get(c, len(order)), c)
+        )
+        return {c: len(self.index(c)) for c in present}
 
     def akps(self, code: str) -> Tensor:
         """AKPs of family ``code`` in the paper's units, ``(n_code, P)`` (differentiable)."""
@@ -344,13 +365,25 @@ class ACL(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The synthesised ``(Co, Ci/groups, h, w)`` weight (cached in eval mode)."""
-        if self._cached_weight is not None:
-            return self._cached_weight
-        weight = self.synthesize()
-        if not self.training:
-            self._cached_weight = weight.detach()
-        return weight
+        """The synthesised ``(Co, Ci/groups, h, w)`` weight.
+
+        In eval mode, when no gradient is needed (``torch.no_grad``/``inference_mode``, or frozen
+        parameters), it is cached, so inference costs what a plain convolution costs.
+        """
+        params = list(self.parameters())
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            # Gradients must reach the AKPs, also when fine-tuning in eval mode (frozen BN).
+            return self.synthesize()
+        # In-place updates (optimiser steps, load_state_dict, set_values) bump a tensor's
+        # version, so a cache made from older values is never used.
+        key = tuple((id(p), p._version) for p in params)
+        if self._cached_weight is None or key != self._cache_key:
+            # Built outside inference mode: a cache made under torch.inference_mode() would be
+            # an inference tensor, unusable by a later forward that needs autograd.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cached_weight = self.synthesize()
+            self._cache_key = key
+        return self._cached_weight
 
     def train(self, mode: bool = True) -> ACL:
         # Parameters may change while training, so the cache lives only in eval mode.
@@ -425,12 +458,10 @@ class ACL(nn.Module):
         return s + f", pattern={self.pattern}, compact_factor={self.compact_factor():.4f}"
 
     def _device(self) -> torch.device:
-        return self.index(self._codes_with_buffers()[0]).device
+        return self._anchor.device
 
     def _dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            return p.dtype
-        return torch.get_default_dtype()
+        return self._anchor.dtype
 
 
 def _index_name(code: str) -> str:
