@@ -2,16 +2,34 @@
 
 ``acl-convert CHECKPOINT --layers conv1`` is ``acl-convert convert CHECKPOINT --layers conv1``:
 when the first word is not a subcommand, ``convert`` is implied.
+
+Output discipline: tables (the report) go to stdout; progress bars, notes and errors go to
+stderr, so ``acl-convert ... > report.txt`` captures only the report. User errors print one
+line and exit 2 (usage) or 1 (everything else); ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from typer.core import TyperGroup
 
 import acl_convert
+from acl_convert.errors import UsageError, UserError
 
 _GROUP_OPTIONS = {"--help", "-h", "--version", "--install-completion", "--show-completion"}
+
+# A pipe has no width; wrapping table cells at rich's default of 80 would split numbers.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
 
 
 class _DefaultConvert(TyperGroup):
@@ -27,10 +45,12 @@ app = typer.Typer(
     cls=_DefaultConvert,
     name="acl-convert",
     help="Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs).\n\n"
-    "Run `acl-convert CHECKPOINT --layers NAME` to convert; see each command's --help.",
+    "Run `acl-convert CHECKPOINT --layers NAME` to convert (the `convert` command is implied); "
+    "`acl-convert layers CHECKPOINT` lists what can be converted.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
 
 
@@ -47,6 +67,454 @@ def _main(
     ),
 ) -> None:
     """Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs)."""
+
+
+def _user_errors(fn):
+    """Turn library errors into one line on stderr and an exit code, unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+DebugOpt = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or notes on stderr.")
+ForceOpt = typer.Option(False, "--force", "-f", help="Overwrite existing output files.")
+TrustOpt = typer.Option(
+    False,
+    "--trust-pickle",
+    help="Allow checkpoints that need full unpickling. This runs code stored in the file: only "
+    "for files from a source you trust.",
+)
+ArchOpt = typer.Option(
+    None,
+    "--arch",
+    help="torchvision architecture name (e.g. resnet50). Default: detected from the checkpoint.",
+)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
+
+
+def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool):
+    """Checkpoint, architecture name (given or detected) and its model (or None)."""
+    from acl_convert.arch import build_model, check_fits, detect_arch
+    from acl_convert.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+    model = None
+    if arch:
+        model = build_model(arch)
+        check_fits(model, ckpt.state_dict, arch)
+    else:
+        arch = detect_arch(ckpt.state_dict)
+        if arch:
+            model = build_model(arch)
+            _note(quiet, f"architecture detected: [bold]{arch}[/]")
+        else:
+            _note(
+                quiet,
+                "architecture not recognised among torchvision's models; converting the "
+                "tensors only (load the AnaNN later with load_anann(path, model=...))",
+            )
+    return ckpt, arch, model
+
+
+def _note(quiet: bool, text: str) -> None:
+    if not quiet:
+        err.print(text, highlight=False)
+
+
+def _default_output(checkpoint: Path, suffix: str) -> Path:
+    # Next to the working directory, not the source: checkpoints often live in read-only places.
+    stem = checkpoint.name.split(".")[0] or checkpoint.stem
+    return Path(f"{stem}{suffix}")
+
+
+@app.command()
+@_user_errors
+def convert(
+    checkpoint: Path = typer.Argument(
+        ..., help="Pretrained checkpoint: .pth/.pt/.bin state dict or .safetensors."
+    ),
+    layers: list[str] = typer.Option(
+        ...,
+        "--layers",
+        "-l",
+        help="Layers to convert: module names (conv1, features.0, with or without .weight), shell "
+        "globs (layer1.*) or 'all'. Repeat or separate with commas.",
+    ),
+    families: str = typer.Option(
+        ",".join(acl_convert.kernels.PAPER_FAMILIES),
+        "--families",
+        help="Comma-separated analytic families to try (codes or names).",
+    ),
+    offset: bool = typer.Option(
+        True,
+        "--offset/--no-offset",
+        help="Give each analytic kernel a learnable constant offset (default). --no-offset gives "
+        "the paper's pure ACKs; they reproduce a kernel's sum far worse (see docs/kernels.md).",
+    ),
+    threshold: float = typer.Option(
+        None,
+        "--threshold",
+        "-t",
+        help="A kernel becomes analytic only if its relative residual is at most this. "
+        "[default: 0.3]",
+    ),
+    select: str = typer.Option(
+        "best",
+        "--select",
+        help="best: lowest residual; compact: fewest parameters under the threshold.",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit's initialisation grid."),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="AnaNN checkpoint to write [default: ./<stem>.anann.safetensors].",
+    ),
+    report: Path = typer.Option(
+        None, "--report", help="JSON report to write [default: ./<stem>.report.json]."
+    ),
+    mosaic: Path = typer.Option(
+        None,
+        "--mosaic",
+        help="Write PNGs of original vs fitted kernels: a file name (one "
+        "per layer: NAME.<layer>.png when several) or a folder.",
+    ),
+    calibration: Path = typer.Option(
+        None,
+        "--calibration",
+        help="Folder of images: compare the original and the AnaNN "
+        "on them (needs a known architecture).",
+    ),
+    calibration_limit: int = typer.Option(
+        256, "--calibration-limit", help="Use at most this many calibration images."
+    ),
+    arch: str = ArchOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    trust_pickle: bool = TrustOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Convert selected convolutions of CHECKPOINT into ACLs; write an AnaNN and a report."""
+    from acl_convert.convert import DEFAULT_THRESHOLD, Settings
+    from acl_convert.convert import convert as run_convert
+    from acl_convert.files import atomic_path, check_writable
+    from acl_convert.fit import resolve_device
+    from acl_convert.layers import conv_layers, select_layers
+    from acl_convert.report import build_report, print_report
+
+    settings = Settings(
+        families=tuple(_split(families)),
+        offset=offset,
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        select=select,
+        device=device,
+        seed=seed,
+    )
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+    output = output or _default_output(checkpoint, ".anann.safetensors")
+    report_path = report or output.with_name(
+        output.name.replace(".anann.safetensors", "").removesuffix(".safetensors") + ".report.json"
+    )
+    check_writable(output, force=force)
+    check_writable(report_path, force=force)
+    if calibration is not None:
+        from acl_convert.images import list_images
+
+        calib_files = list_images(calibration, limit=calibration_limit)
+
+    ckpt, arch, model = _load(checkpoint, trust_pickle, arch, quiet)
+    all_layers = conv_layers(ckpt.state_dict, model)
+    chosen = select_layers(
+        [s for sel in layers for s in _split(sel)], all_layers, list(ckpt.state_dict)
+    )
+    if calibration is not None and model is None:
+        raise UsageError("--calibration needs a known architecture; pass --arch NAME")
+    mosaic_paths = {}
+    if mosaic is not None:
+        from acl_convert.mosaic import mosaic_path
+
+        for lay in chosen:
+            mosaic_paths[lay.name] = check_writable(
+                mosaic_path(mosaic, lay.name, len(chosen)), force=force
+            )
+
+    n_kernels = sum(lay.num_kernels for lay in chosen)
+    _note(
+        quiet,
+        f"fitting {n_kernels:,} kernels of {len(chosen)} layer(s) to "
+        f"{len(settings.families)} families on {resolve_device(device)}",
+    )
+    with _progress(quiet) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(f"fit {task}", total=total)
+            bar.advance(tasks[task], done)
+
+        result = run_convert(ckpt, chosen, settings, arch=arch, progress=on_progress)
+
+    fidelity = None
+    if calibration is not None:
+        fidelity = _fidelity(model, result, calib_files, arch, quiet)
+    doc = build_report(result, fidelity=fidelity)
+
+    with ExitStack() as stack:
+        # Everything is written to temporary files first and renamed together at the end.
+        tmp_out = stack.enter_context(atomic_path(output))
+        tmp_rep = stack.enter_context(atomic_path(report_path))
+        from acl_convert.anann import save_anann
+
+        save_anann(tmp_out, result.tensors(), result.header())
+        tmp_rep.write_text(json.dumps(doc, indent=1))
+        if mosaic_paths:
+            from acl_convert.mosaic import render_mosaic
+
+            for res in result.layers:
+                original = ckpt.state_dict[res.layer.weight_key].float()
+                fitted = res.acl.synthesize().detach()
+                # The run-length pattern of a real mosaic is too long for a title.
+                title = f"{res.layer.name}   compact factor {res.compact_factor:.3f}"
+                img = render_mosaic(original, fitted, res.selection.codes, title=title)
+                tmp_png = stack.enter_context(atomic_path(mosaic_paths[res.layer.name]))
+                img.save(tmp_png, format="PNG")
+    print_report(doc, out)
+    _note(
+        quiet,
+        f"wrote {output} and {report_path}" + "".join(f", {p}" for p in mosaic_paths.values()),
+    )
+
+
+def _fidelity(model, result, files, arch, quiet):
+    import copy
+
+    from acl_convert.fidelity import measure_fidelity
+    from acl_convert.images import load_batches, preprocessing
+
+    original = model
+    original.load_state_dict(result.source.state_dict, strict=True)
+    converted = copy.deepcopy(original)
+    for res in result.layers:
+        # The layers were built with the model's own conv hyper-parameters, so they drop in.
+        parent, _, child = res.layer.name.rpartition(".")
+        setattr(
+            converted.get_submodule(parent) if parent else converted, child, copy.deepcopy(res.acl)
+        )
+    transform = preprocessing(arch)
+    _note(quiet, f"measuring fidelity on {len(files)} images")
+    with _progress(quiet) as bar:
+        task = bar.add_task("calibration images", total=len(files))
+
+        def batches():
+            for x in load_batches(files, transform, batch_size=32):
+                yield x
+                bar.advance(task, len(x))
+
+        return measure_fidelity(
+            original, converted, batches(), [r.layer.name for r in result.layers]
+        )
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command("layers")
+@_user_errors
+def layers_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to inspect."),
+    arch: str = ArchOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    trust_pickle: bool = TrustOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """List the convolutions of CHECKPOINT that can be converted."""
+    from acl_convert.layers import conv_layers, eligible, estimate_fit_seconds
+
+    ckpt, arch, model = _load(checkpoint, trust_pickle, arch, quiet or as_json)
+    rows = []
+    for lay in conv_layers(ckpt.state_dict, model):
+        rows.append(
+            {
+                "name": lay.name,
+                "shape": list(lay.shape),
+                "groups": lay.groups,
+                "kernels": lay.num_kernels,
+                "eligible": eligible(lay),
+                "fit_seconds_estimate": estimate_fit_seconds(lay.num_kernels, lay.kernel_size)
+                if eligible(lay)
+                else None,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps({"arch": arch, "layers": rows}, indent=1))
+        return
+    table = Table(
+        title=f"{checkpoint.name}: convolutions ({arch or 'architecture unknown'})",
+        title_justify="left",
+    )
+    for col, just in (
+        ("layer", "left"),
+        ("shape", "left"),
+        ("groups", "right"),
+        ("kernels", "right"),
+        ("est. fit (CPU)", "right"),
+    ):
+        table.add_column(col, justify=just)
+    for r in rows:
+        est = "1x1: not eligible" if not r["eligible"] else f"{r['fit_seconds_estimate']:.1f} s"
+        table.add_row(
+            r["name"],
+            "×".join(map(str, r["shape"])),
+            "?" if r["groups"] is None else str(r["groups"]),
+            f"{r['kernels']:,}",
+            est,
+            style=None if r["eligible"] else "dim",
+        )
+    out.print(table)
+
+
+@app.command()
+@_user_errors
+def bake(
+    anann: Path = typer.Argument(..., help="AnaNN checkpoint (.anann.safetensors)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Plain state dict to write: .pth/.pt (torch) or .safetensors."
+    ),
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Bake an AnaNN back into plain convolution weights (loads into the original model)."""
+    from acl_convert.anann import bake_state_dict, read_anann
+    from acl_convert.files import check_writable, write_atomic
+
+    check_writable(output, force=force)
+    state = bake_state_dict(read_anann(anann))
+    if output.suffix == ".safetensors":
+        import safetensors.torch
+
+        data = {k: v.contiguous() for k, v in state.items()}
+        write_atomic(output, lambda tmp: safetensors.torch.save_file(data, str(tmp)))
+    else:
+        import torch
+
+        write_atomic(output, lambda tmp: torch.save(state, tmp))
+    _note(quiet, f"wrote {output} ({len(state)} tensors)")
+
+
+@app.command()
+@_user_errors
+def export(
+    anann: Path = typer.Argument(..., help="AnaNN checkpoint (.anann.safetensors)."),
+    fmt: str = typer.Option("json", "--format", help="json or csv."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Export the AKP table of an AnaNN (no refitting) as JSON or CSV."""
+    from acl_convert.export import akp_table, to_csv
+    from acl_convert.files import check_writable, write_atomic
+
+    if fmt not in ("json", "csv"):
+        raise UsageError(f"--format must be json or csv, got {fmt!r}")
+    if output is not None:
+        check_writable(output, force=force)
+    table = akp_table(anann)
+    text = json.dumps(table, indent=1) if fmt == "json" else to_csv(table)
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        write_atomic(output, lambda tmp: tmp.write_text(text))
+        _note(quiet, f"wrote {output}")
+
+
+@app.command()
+@_user_errors
+def info(
+    file: Path = typer.Argument(..., help="A checkpoint or an AnaNN."),
+    trust_pickle: bool = TrustOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Describe a checkpoint or an AnaNN."""
+    from acl_convert.anann import is_anann, read_anann
+
+    if is_anann(file):
+        ana = read_anann(file)
+        h = ana.header
+        out.print(
+            f"[bold]{file}[/]: AnaNN (format {h['format']} v{h['format_version']}), made by "
+            f"acl-convert {h['tool_version']} with torch {h['torch_version']}"
+        )
+        out.print(
+            f"source: {h['source']['file']} (sha256 {h['source']['sha256'][:16]}…), "
+            f"architecture: {h['arch'] or 'unknown'}"
+        )
+        s = h["settings"]
+        out.print(
+            f"settings: families {','.join(s['families'])}, offset {s['offset']}, "
+            f"threshold {s['threshold']}, select {s['select']}, seed {s['seed']}"
+        )
+        table = Table(title="converted layers", title_justify="left")
+        for col in ("layer", "shape", "families", "compact factor"):
+            table.add_column(col)
+        for name, rec in ana.layers.items():
+            table.add_row(
+                name,
+                "×".join(map(str, rec["shape"])),
+                " ".join(f"{c}{n}" for c, n in rec["family_counts"].items()),
+                f"{rec['compact_factor']:.4f}",
+            )
+        out.print(table)
+        return
+    from acl_convert.arch import detect_arch
+    from acl_convert.checkpoint import load_checkpoint
+    from acl_convert.layers import conv_layers, eligible
+
+    ckpt = load_checkpoint(file, trust_pickle=trust_pickle)
+    arch = detect_arch(ckpt.state_dict)
+    convs = conv_layers(ckpt.state_dict)
+    n_params = sum(v.numel() for v in ckpt.state_dict.values())
+    out.print(
+        f"[bold]{file}[/]: {ckpt.format} checkpoint, {len(ckpt.state_dict)} tensors, "
+        f"{n_params:,} values, sha256 {ckpt.sha256[:16]}…"
+    )
+    out.print(
+        f"architecture: {arch or 'not recognised'}; convolutions: {len(convs)}, of which "
+        f"{sum(eligible(c) for c in convs)} can be converted "
+        "(see `acl-convert layers` for the list)"
+    )
 
 
 def run() -> None:

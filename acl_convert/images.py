@@ -1,0 +1,72 @@
+"""Folders of images for calibration and evaluation, preprocessed as the architecture expects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+__all__ = ["IMAGE_SUFFIXES", "list_images", "preprocessing", "load_batches"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+def list_images(folder: str | Path, *, limit: int | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted by path; at most ``limit``."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"image folder {folder} does not exist; check the path")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; give a folder of images")
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not files:
+        raise UserError(
+            f"image folder {folder} contains no images ({', '.join(IMAGE_SUFFIXES)}); "
+            "point it at a folder of images"
+        )
+    return files[:limit] if limit else files
+
+
+def preprocessing(arch: str | None) -> Callable:
+    """The eval transform of the architecture's default torchvision weights (no download: only
+    the transform's recipe is read), or the standard ImageNet one."""
+    import torchvision
+    from torchvision import transforms as T
+
+    if arch:
+        try:
+            return torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        except (ValueError, AttributeError, KeyError):
+            pass  # no published weights: fall back to the ImageNet recipe below
+    return T.Compose(
+        [
+            T.Resize(256),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+
+
+def load_image(path: Path, transform: Callable) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return transform(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(
+            f"cannot read image {path} ({type(exc).__name__}); remove or replace it"
+        ) from None
+
+
+def load_batches(files: list[Path], transform: Callable, batch_size: int = 32) -> Iterator[Tensor]:
+    """Yield preprocessed batches ``(B, 3, H, W)`` in file order."""
+    for start in range(0, len(files), batch_size):
+        yield torch.stack([load_image(p, transform) for p in files[start : start + batch_size]])

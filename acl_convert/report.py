@@ -1,0 +1,305 @@
+"""The conversion report: a JSON document for machines and rich tables for people.
+
+Schema: ``docs/report-format.md`` (and :data:`SCHEMA`, which the tests validate against).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from . import kernels
+from .convert import Conversion, LayerResult
+
+__all__ = ["build_report", "print_report", "kernel_rows", "SCHEMA", "REPORT_FORMAT"]
+
+REPORT_FORMAT = "acl-convert/report"
+REPORT_VERSION = 1
+
+
+def _quantiles(values: torch.Tensor) -> dict[str, float | None]:
+    if values.numel() == 0:
+        return {"median": None, "p90": None, "max": None}
+    v = values.double()
+    return {
+        "median": float(v.median()),
+        "p90": float(torch.quantile(v, 0.9)),
+        "max": float(v.max()),
+    }
+
+
+def kernel_rows(res: LayerResult) -> list[dict[str, Any]]:
+    """One row per kernel: indices, chosen family, named AKPs, gain, offset, residuals."""
+    _, cig, _, _ = res.layer.shape
+    fit, sel = res.fit, res.selection
+    rows = []
+    residuals = fit.residuals.tolist()
+    params = {c: v.tolist() for c, v in fit.params.items()}
+    gains = {c: v.tolist() for c, v in fit.gain.items()}
+    offsets = {c: v.tolist() for c, v in fit.offset.items()}
+    offset_on = res.acl.offset_enabled
+    for k, code in enumerate(sel.codes):
+        row: dict[str, Any] = {"index": k, "out": k // cig, "in": k % cig, "family": code}
+        if code == "P":
+            row.update(akps={}, gain=None, offset=None, residual=0.0)
+        else:
+            fam = kernels.get(code)
+            row.update(
+                akps=dict(zip(fam.param_names, params[code][k], strict=True)),
+                gain=gains[code][k],
+                offset=offsets[code][k] if offset_on and fam.num_params else None,
+                residual=float(sel.residual[k]),
+            )
+        row["residuals"] = dict(zip(fit.families, residuals[k], strict=True))
+        rows.append(row)
+    return rows
+
+
+def layer_summary(res: LayerResult) -> dict[str, Any]:
+    sel = res.selection
+    converted = sel.choice >= 0
+    best = res.fit.residuals.min(1).values if res.fit.residuals.shape[1] else torch.zeros(0)
+    return {
+        "name": res.layer.name,
+        "shape": list(res.layer.shape),
+        "groups": res.layer.groups,
+        "kernels": len(sel.codes),
+        "converted": int(converted.sum()),
+        "family_counts": res.acl.family_totals(),
+        "pattern": res.acl.pattern,
+        "compact_factor": res.compact_factor,
+        "params_before": res.params_before,
+        "params_after": res.params_after,
+        # Over the kernels that became analytic: what the conversion changed.
+        "residual": _quantiles(sel.residual[converted]),
+        # Over all kernels, the best family's residual: how analytic the layer is at all.
+        "best_residual": _quantiles(best),
+    }
+
+
+def build_report(
+    conv: Conversion, *, per_kernel: bool = True, fidelity: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The report document (see :data:`SCHEMA`)."""
+    layers = []
+    for res in conv.layers:
+        entry = layer_summary(res)
+        if per_kernel:
+            entry["kernels_detail"] = kernel_rows(res)
+        layers.append(entry)
+    before = sum(x["params_before"] for x in layers)
+    after = sum(x["params_after"] for x in layers)
+    header = conv.header()
+    return {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "tool_version": header["tool_version"],
+        "source": header["source"],
+        "arch": conv.arch,
+        "settings": header["settings"],
+        "layers": layers,
+        "totals": {
+            "layers": len(layers),
+            "kernels": sum(x["kernels"] for x in layers),
+            "converted": sum(x["converted"] for x in layers),
+            "params_before": before,
+            "params_after": after,
+            "compact_factor": (1 - after / before) if before else 0.0,
+        },
+        "fidelity": fidelity,
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    """Render the per-layer table and the model totals."""
+    table = Table(
+        title="acl-convert: converted layers",
+        title_justify="left",
+        caption="ACKs: kernels now analytic (res.: their relative residual); "
+        "params: kernel parameters before -> after",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for col, just in (
+        ("layer", "left"),
+        ("kernels", "right"),
+        ("ACKs", "right"),
+        ("families", "left"),
+        ("compact", "right"),
+        ("res. med", "right"),
+        ("res. p90", "right"),
+        ("params", "right"),
+    ):
+        table.add_column(col, justify=just, no_wrap=col in ("layer", "params"))
+    for lay in report["layers"]:
+        fams = " ".join(f"{c}{n}" for c, n in lay["family_counts"].items())
+        table.add_row(
+            lay["name"],
+            str(lay["kernels"]),
+            str(lay["converted"]),
+            fams,
+            f"{lay['compact_factor']:.4f}",
+            _fmt(lay["residual"]["median"]),
+            _fmt(lay["residual"]["p90"]),
+            f"{lay['params_before']:,}->{lay['params_after']:,}",
+        )
+    tot = report["totals"]
+    table.add_section()
+    table.add_row(
+        "total",
+        str(tot["kernels"]),
+        str(tot["converted"]),
+        "",
+        f"{tot['compact_factor']:.4f}",
+        "",
+        "",
+        f"{tot['params_before']:,}->{tot['params_after']:,}",
+        style="bold",
+    )
+    console.print(table)
+    fid = report.get("fidelity")
+    if fid:
+        print_fidelity(fid, console)
+
+
+def print_fidelity(fid: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"fidelity on {fid['images']} calibration images", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("logits relative error", f"{fid['logits_rel_error']:.4f}")
+    table.add_row("top-1 agreement", f"{100 * fid['top1_agreement']:.1f} %")
+    for name, err in fid["layer_rel_error"].items():
+        table.add_row(f"{name} output relative error", f"{err:.4f}")
+    console.print(table)
+
+
+_QUANT = {
+    "type": "object",
+    "required": ["median", "p90", "max"],
+    "properties": {k: {"type": ["number", "null"]} for k in ("median", "p90", "max")},
+}
+
+#: JSON Schema (draft 2020-12) of the report; docs/report-format.md explains each field.
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "acl-convert report",
+    "type": "object",
+    "required": [
+        "format",
+        "format_version",
+        "tool_version",
+        "source",
+        "arch",
+        "settings",
+        "layers",
+        "totals",
+        "fidelity",
+    ],
+    "properties": {
+        "format": {"const": REPORT_FORMAT},
+        "format_version": {"type": "integer"},
+        "tool_version": {"type": "string"},
+        "source": {"type": "object", "required": ["file", "sha256"]},
+        "arch": {"type": ["string", "null"]},
+        "settings": {
+            "type": "object",
+            "required": ["families", "offset", "threshold", "select", "device", "seed"],
+        },
+        "layers": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [
+                    "name",
+                    "shape",
+                    "groups",
+                    "kernels",
+                    "converted",
+                    "family_counts",
+                    "pattern",
+                    "compact_factor",
+                    "params_before",
+                    "params_after",
+                    "residual",
+                    "best_residual",
+                ],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": {
+                        "type": "array",
+                        "items": {"type": "integer"},
+                        "minItems": 4,
+                        "maxItems": 4,
+                    },
+                    "groups": {"type": ["integer", "null"]},
+                    "kernels": {"type": "integer", "minimum": 0},
+                    "converted": {"type": "integer", "minimum": 0},
+                    "family_counts": {
+                        "type": "object",
+                        "additionalProperties": {"type": "integer"},
+                    },
+                    "pattern": {"type": "string"},
+                    "compact_factor": {"type": "number", "maximum": 1},
+                    "params_before": {"type": "integer"},
+                    "params_after": {"type": "integer"},
+                    "residual": _QUANT,
+                    "best_residual": _QUANT,
+                    "kernels_detail": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": [
+                                "index",
+                                "out",
+                                "in",
+                                "family",
+                                "akps",
+                                "gain",
+                                "offset",
+                                "residual",
+                                "residuals",
+                            ],
+                            "properties": {
+                                "index": {"type": "integer"},
+                                "out": {"type": "integer"},
+                                "in": {"type": "integer"},
+                                "family": {"type": "string"},
+                                "akps": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "number"},
+                                },
+                                "gain": {"type": ["number", "null"]},
+                                "offset": {"type": ["number", "null"]},
+                                "residual": {"type": "number", "minimum": 0},
+                                "residuals": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "number"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "totals": {
+            "type": "object",
+            "required": [
+                "layers",
+                "kernels",
+                "converted",
+                "params_before",
+                "params_after",
+                "compact_factor",
+            ],
+        },
+        "fidelity": {"type": ["object", "null"]},
+    },
+}
