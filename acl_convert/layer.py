@@ -351,12 +351,16 @@ class ACL(nn.Module):
             if code == _PLAIN:
                 block = self.plain
             else:
+                # float64 for the ACK values (kernels are tiny, so it costs nothing): a kernel
+                # near its flat limit is a large gain times a nearly constant shape plus a large
+                # offset, and in float32 that sum cancels.
                 fam = kernels.get(code)
-                block = fam(self.akps(code), h, w)
+                block = fam(self.akps(code).double(), h, w)
                 if code in self.gain:
-                    block = self.gain[code][:, None, None] * block
+                    block = self.gain[code].double()[:, None, None] * block
                 if code in self.offset:
-                    block = block + self.offset[code][:, None, None]
+                    block = block + self.offset[code].double()[:, None, None]
+                block = block.to(self._dtype())
             idx.append(index)
             blocks.append(block)
         flat = torch.cat(blocks).new_empty(self.num_kernels, h, w)

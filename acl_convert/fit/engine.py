@@ -125,6 +125,8 @@ def fit_kernels(
     unit = flat / torch.where(zero, torch.ones_like(norms), norms)[:, None]
 
     residuals = torch.zeros(n_kernels, len(codes), dtype=dtype, device=dev)
+    # AKPs pass through both the working and the output dtype: the coarser one is what is kept.
+    store = min(dtype, W.dtype, key=lambda t: torch.finfo(t).bits)
     params, gains, offsets = {}, {}, {}
     for col, code in enumerate(codes):
         fam = kernels.get(code)
@@ -142,16 +144,16 @@ def fit_kernels(
         )
         for lo in range(0, n_kernels, chunk):
             hi = min(lo + chunk, n_kernels)
-            u, cost, g, b = _fit_chunk(
-                fam, book, unit[lo:hi], h, w, offset=offset, starts=starts, max_iter=max_iter
+            akp, cost, g, b = _fit_chunk(
+                fam, book, unit[lo:hi], h, w, offset=offset, starts=starts, max_iter=max_iter,
+                store_dtype=store,
             )
             residuals[lo:hi, col] = cost.sqrt()
-            akp_out[lo:hi] = fam.from_unconstrained(u) if n_akp else u
+            akp_out[lo:hi] = akp
             gain_out[lo:hi] = g * norms[lo:hi]
             off_out[lo:hi] = b * norms[lo:hi]
             if progress is not None:
                 progress(code, hi - lo)
-        akp_out, gain_out = fam.canonicalize(akp_out, gain_out)
         params[code], gains[code], offsets[code] = akp_out, gain_out, off_out
     # An all-zero kernel is matched exactly by every family with gain 0 (SPEC §4).
     residuals[zero] = 0
@@ -177,9 +179,10 @@ def _fit_chunk(
     offset: bool,
     starts: int,
     max_iter: int,
+    store_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fit unit-norm kernels ``(C, n)``; returns ``u (C, P)``, squared relative residual
-    ``(C,)``, gain and offset ``(C,)`` for the unit-norm kernels."""
+    """Fit unit-norm kernels ``(C, n)``; returns canonical AKPs ``(C, P)``, squared relative
+    residual ``(C,)``, gain and offset ``(C,)`` for the unit-norm kernels."""
     n_chunk, n = unit.shape
     if book is None:
         # No AKPs (Mean): the fit is the kernel's mean; carried by the gain alone, since a
@@ -189,18 +192,38 @@ def _fit_chunk(
         resid = unit - gain[:, None] * atom
         return unit.new_zeros(n_chunk, 0), (resid * resid).sum(1), gain, torch.zeros_like(gain)
     w_t = lm.project(unit, offset)
-    k = min(starts, book.u.shape[0])
+    # Gradients cannot carry a non-smooth family's fit across its jumps: more starts instead.
+    k = min(starts if fam.smooth else 2 * starts, book.u.shape[0])
     idx = book.best(w_t, k)  # (C, k)
     u0 = book.u[idx.reshape(-1)]
+    bounds = tuple(b.to(unit) for b in dictionary.search_box(fam, h, w))
     u, cost = lm.refine(
-        fam, unit.repeat_interleave(k, 0), u0, h, w, offset=offset, max_iter=max_iter
+        fam, unit.repeat_interleave(k, 0), u0, h, w, offset=offset, bounds=bounds,
+        max_iter=max_iter,
     )
     pick = cost.view(n_chunk, k).argmin(1)
     rows = torch.arange(n_chunk, device=unit.device) * k + pick
-    u = u[rows]
-    f = fam(fam.from_unconstrained(u), h, w).reshape(n_chunk, n)
-    gain, _ = lm.solve_linear(w_t, lm.project(f, offset))
-    b = (unit - gain[:, None] * f).mean(1) if offset else torch.zeros_like(gain)
-    # Recompute the residual from the reconstruction: |Wt|^2 - g<Wt,Ft> cancels badly near 0.
-    resid = unit - gain[:, None] * f - b[:, None]
-    return u, (resid * resid).sum(1), gain, b
+    exact = unit.double()
+    akp = fam.from_unconstrained(u[rows].double())
+    # Canonical ranges (SPEC §2) need the gain's sign; then the AKPs are rounded to the dtype
+    # they are stored in, and gain, offset and residual are solved again, in float64, for
+    # exactly those AKPs: the reported residual is that of the kernel the ACL will synthesise
+    # (a near-flat kernel has a large gain, which magnifies any rounding of its AKPs).
+    gain, _, _ = _linear_fit(fam, akp, exact, h, w, offset)
+    akp, _ = fam.canonicalize(akp, gain)
+    akp = akp.to(store_dtype).double()
+    gain, b, cost = _linear_fit(fam, akp, exact, h, w, offset)
+    return akp.to(unit.dtype), cost.to(unit.dtype), gain.to(unit.dtype), b.to(unit.dtype)
+
+
+def _linear_fit(
+    fam: kernels.KernelFamily, akp: Tensor, w: Tensor, h: int, kw: int, offset: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Least-squares gain and offset ``(C,)`` of kernels ``w`` ``(C, n)`` for fixed AKPs, and the
+    squared residual ``(C,)``, recomputed from the reconstruction (the shortcut
+    ``|w|^2 - g<w, f>`` cancels badly near 0)."""
+    f = fam(akp, h, kw).reshape(len(w), -1)
+    gain, _ = lm.solve_linear(lm.project(w, offset), lm.project(f, offset))
+    b = (w - gain[:, None] * f).mean(1) if offset else torch.zeros_like(gain)
+    resid = w - gain[:, None] * f - b[:, None]
+    return gain, b, (resid * resid).sum(1)

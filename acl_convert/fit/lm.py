@@ -78,12 +78,14 @@ def refine(
     kw: int,
     *,
     offset: bool,
+    bounds: tuple[Tensor, Tensor] | None = None,
     max_iter: int = 30,
     rtol: float = 1e-5,
 ) -> tuple[Tensor, Tensor]:
     """Refine unconstrained AKPs ``u`` ``(N, P)`` for kernels ``w`` ``(N, h*kw)``.
 
-    Returns the refined ``u`` and the squared residual ``(N,)`` of each kernel under the
+    ``bounds`` (``(P,)`` lower and upper) box the steps; a step that leaves the box is cut back
+    to it. Returns the refined ``u`` and the squared residual ``(N,)`` of each kernel under the
     variable-projection objective. The cost never increases (a step is only taken when it lowers
     the true cost), so a non-smooth family cannot make a start worse.
     """
@@ -115,6 +117,8 @@ def refine(
         step = torch.linalg.solve(system, -jtr)
         step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
         u_new = ua + step
+        if bounds is not None:
+            u_new = torch.maximum(torch.minimum(u_new, bounds[1]), bounds[0])
         _, c_new = solve_linear(wa, project(_evaluate(family, u_new, h, kw), offset))
         better = c_new < ca
         u[active] = torch.where(better[:, None], u_new, ua)

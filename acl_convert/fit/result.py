@@ -69,11 +69,13 @@ class FitResult:
         return torch.tensor([self.param_count(c) < h * w for c in self.families])
 
     def fitted(self, code: str) -> Tensor:
-        """The fitted kernels ``g * f(AKPs) + b`` of family ``code``, ``(N, h, w)``."""
+        """The fitted kernels ``g * f(AKPs) + b`` of family ``code``, ``(N, h, w)``, evaluated in
+        float64 (see :meth:`ACL.synthesize` for why) and returned in the result's dtype."""
         h, w = self.kernel_size
         fam = kernels.get(code)
-        base = fam(self.params[code], h, w)
-        return self.gain[code][:, None, None] * base + self.offset[code][:, None, None]
+        base = fam(self.params[code].double(), h, w)
+        gain, off = self.gain[code].double(), self.offset[code].double()
+        return (gain[:, None, None] * base + off[:, None, None]).to(self.residuals.dtype)
 
     def select(self, threshold: float, mode: str = "best") -> Selection:
         """Choose a family per kernel (SPEC §4).

@@ -86,6 +86,8 @@ class KernelFamily:
         canonical: ``(akp (..., P), gain (...) or None) -> (akp, gain)``: folds AKPs into their
             canonical ranges (SPEC §2) without changing the kernel ``gain * f``.
         plain: True only for the Plain family, whose parameters are the ``h*w`` kernel values.
+        smooth: False when the kernel jumps as an AKP changes (TGD1st's sign): gradients cannot
+            carry a fit across a jump, so the fitter refines more starting points.
         tex: the formula in LaTeX, for docs.
         doc: one paragraph for docs and ``--help``.
     """
@@ -96,6 +98,7 @@ class KernelFamily:
     formula: Callable[..., Tensor]
     canonical: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]] = _identity_canonical
     plain: bool = False
+    smooth: bool = True
     tex: str = ""
     doc: str = ""
 

@@ -94,6 +94,7 @@ TGD1ST = register(
         ),
         formula=_tgd1st,
         canonical=_canonical_tgd1st,
+        smooth=False,
         tex=r"e^{-x'^2/\gamma_1^2 - y'^2/\gamma_2^2}\,\mathrm{sign}(x')\,\mathbf{I}_{|x'|>\delta}",
         doc="First-order TGD: an oriented, antisymmetric edge detector. The theta-gradient "
         "comes from the envelope only (sign and indicator are piecewise constant).",
