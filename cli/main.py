@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -221,6 +222,8 @@ def convert(
     debug: bool = DebugOpt,
 ) -> None:
     """Convert selected convolutions of CHECKPOINT into ACLs; write an AnaNN and a report."""
+    import torch
+
     from acl_convert.convert import DEFAULT_THRESHOLD, Settings
     from acl_convert.convert import convert as run_convert
     from acl_convert.files import atomic_path, check_writable
@@ -236,6 +239,8 @@ def convert(
         device=device,
         seed=seed,
     )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     try:
         resolve_device(device)
     except (ValueError, RuntimeError) as exc:
@@ -256,6 +261,13 @@ def convert(
     chosen = select_layers(
         [s for sel in layers for s in _split(sel)], all_layers, list(ckpt.state_dict)
     )
+    for lay in chosen:
+        bad = int((~torch.isfinite(ckpt.state_dict[lay.weight_key])).flatten(1).any(1).sum())
+        if bad:
+            raise UserError(
+                f"layer {lay.name} has NaN or Inf weights in {bad} output channel(s); repair the "
+                "checkpoint or leave the layer out of --layers"
+            )
     if calibration is not None and model is None:
         raise UsageError("--calibration needs a known architecture; pass --arch NAME")
     mosaic_paths = {}
