@@ -26,6 +26,11 @@ __all__ = ["project", "solve_linear", "refine"]
 _TINY = 1e-20
 #: Central-difference step in unconstrained AKP units (radians, or log-scale for positive AKPs).
 _FD_STEP = 1e-3
+#: Damping after an accepted / a rejected step, and the damping at which a kernel whose steps
+#: keep failing is given up as converged.
+_ACCEPT, _REJECT, _GIVE_UP = 0.3, 10.0, 1e4
+#: Stop when an accepted step lowers the cost by less than this fraction.
+RTOL = 1e-3
 
 
 def project(x: Tensor, offset: bool) -> Tensor:
@@ -80,7 +85,7 @@ def refine(
     offset: bool,
     bounds: tuple[Tensor, Tensor] | None = None,
     max_iter: int = 30,
-    rtol: float = 1e-5,
+    rtol: float = RTOL,
 ) -> tuple[Tensor, Tensor]:
     """Refine unconstrained AKPs ``u`` ``(N, P)`` for kernels ``w`` ``(N, h*kw)``.
 
@@ -123,11 +128,12 @@ def refine(
         better = c_new < ca
         u[active] = torch.where(better[:, None], u_new, ua)
         cost[active] = torch.where(better, c_new, ca)
-        damping[active] = torch.where(better, lam * 0.3, lam * 4.0).clamp(1e-9, 1e9)
-        # A kernel is done when an accepted step barely helps, or when no step helps at any
-        # sensible damping. The reference scale is |Wt|^2 so that near-perfect fits stop too.
+        damping[active] = torch.where(better, lam * _ACCEPT, lam * _REJECT).clamp(1e-9, 1e9)
+        # A kernel is done when an accepted step lowers its cost by less than the fraction
+        # ``rtol`` (relative to the cost itself, so fits at the noise level still polish), when
+        # no step helps at any sensible damping, or when the fit is exact.
         scale = (wa * wa).sum(-1).clamp_min(_TINY)
-        gained = (ca - torch.where(better, c_new, ca)) / scale
-        done = (better & (gained < rtol)) | (~better & (lam > 1e6)) | (c_new / scale < 1e-12)
+        gained = (ca - torch.where(better, c_new, ca)) / ca.clamp_min(_TINY)
+        done = (better & (gained < rtol)) | (~better & (lam > _GIVE_UP)) | (c_new / scale < 1e-12)
         active = active[~done]
     return u, cost
