@@ -19,6 +19,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from typer.core import TyperGroup
@@ -81,7 +82,7 @@ def _user_errors(fn):
         except UserError as exc:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
@@ -132,7 +133,7 @@ def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool):
         arch = detect_arch(ckpt.state_dict)
         if arch:
             model = build_model(arch)
-            _note(quiet, f"architecture detected: [bold]{arch}[/]")
+            _note(quiet, f"architecture detected: {arch}")
         else:
             _note(
                 quiet,
@@ -144,7 +145,7 @@ def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool):
 
 def _note(quiet: bool, text: str) -> None:
     if not quiet:
-        err.print(text, highlight=False)
+        err.print(escape(text), highlight=False)
 
 
 def _default_output(checkpoint: Path, suffix: str) -> Path:
@@ -182,7 +183,7 @@ def convert(
         "--threshold",
         "-t",
         help="A kernel becomes analytic only if its relative residual is at most this. "
-        "[default: 0.3]",
+        "\\[default: 0.3]",
     ),
     select: str = typer.Option(
         "best",
@@ -195,10 +196,10 @@ def convert(
         None,
         "--output",
         "-o",
-        help="AnaNN checkpoint to write [default: ./<stem>.anann.safetensors].",
+        help="AnaNN checkpoint to write \\[default: ./<stem>.anann.safetensors].",
     ),
     report: Path = typer.Option(
-        None, "--report", help="JSON report to write [default: ./<stem>.report.json]."
+        None, "--report", help="JSON report to write \\[default: ./<stem>.report.json]."
     ),
     mosaic: Path = typer.Option(
         None,
@@ -450,7 +451,7 @@ def bake(
 def export(
     anann: Path = typer.Argument(..., help="AnaNN checkpoint (.anann.safetensors)."),
     fmt: str = typer.Option("json", "--format", help="json or csv."),
-    output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write \\[default: stdout]."),
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
@@ -486,7 +487,8 @@ def info(
         ana = read_anann(file)
         h = ana.header
         out.print(
-            f"[bold]{file}[/]: AnaNN (format {h['format']} v{h['format_version']}), made by "
+            f"[bold]{escape(str(file))}[/]: AnaNN (format {h['format']} "
+            f"v{h['format_version']}), made by "
             f"acl-convert {h['tool_version']} with torch {h['torch_version']}"
         )
         out.print(
@@ -519,7 +521,7 @@ def info(
     convs = conv_layers(ckpt.state_dict)
     n_params = sum(v.numel() for v in ckpt.state_dict.values())
     out.print(
-        f"[bold]{file}[/]: {ckpt.format} checkpoint, {len(ckpt.state_dict)} tensors, "
+        f"[bold]{escape(str(file))}[/]: {ckpt.format} checkpoint, {len(ckpt.state_dict)} tensors, "
         f"{n_params:,} values, sha256 {ckpt.sha256[:16]}…"
     )
     out.print(

@@ -271,6 +271,19 @@ def test_missing_checkpoint(invoke, work, files_in):
     assert files_in(work) == set()
 
 
+def test_brackets_in_names_are_printed_literally(invoke, work, files_in):
+    """Terminal markup must not swallow ``[...]`` in a user's file name."""
+    result = invoke(work / "run[bold]1.pth", "--layers", "conv1", "-q")
+    assert_quiet_error(result, 1, "run[bold]1.pth", "no such file")
+
+
+def test_help_shows_defaults_in_brackets(invoke):
+    result = invoke("convert", "--help", env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "[default: 0.3]" in result.stdout
+    assert "[default: ./<stem>.anann.safetensors]" in result.stdout
+
+
 def test_checkpoint_is_a_folder(invoke, work, files_in):
     (work / "weights").mkdir()
     result = invoke(work / "weights", "--layers", "conv1", "-q")

@@ -145,7 +145,14 @@ def fit_kernels(
         for lo in range(0, n_kernels, chunk):
             hi = min(lo + chunk, n_kernels)
             akp, cost, g, b = _fit_chunk(
-                fam, book, unit[lo:hi], h, w, offset=offset, starts=starts, max_iter=max_iter,
+                fam,
+                book,
+                unit[lo:hi],
+                h,
+                w,
+                offset=offset,
+                starts=starts,
+                max_iter=max_iter,
                 store_dtype=store,
             )
             residuals[lo:hi, col] = cost.sqrt()
@@ -198,7 +205,13 @@ def _fit_chunk(
     u0 = book.u[idx.reshape(-1)]
     bounds = tuple(b.to(unit) for b in dictionary.search_box(fam, h, w))
     u, cost = lm.refine(
-        fam, unit.repeat_interleave(k, 0), u0, h, w, offset=offset, bounds=bounds,
+        fam,
+        unit.repeat_interleave(k, 0),
+        u0,
+        h,
+        w,
+        offset=offset,
+        bounds=bounds,
         max_iter=max_iter,
     )
     pick = cost.view(n_chunk, k).argmin(1)
