@@ -34,11 +34,12 @@ _SEE = "see `acl-convert layers CHECKPOINT`"
 _GLOB_CHARS = "*?["
 
 #: CPU fitting cost, in seconds per kernel, per family and per kernel pixel (h*w). Measured with
-#: ``acl_convert.fit.fit_kernels(device="cpu")`` on random kernels, 2 CPU threads, the six paper
-#: families: 5000 3x3 kernels took 24.5 s (0.9e-4 s/kernel/family/pixel), 500 7x7 took 20.4 s
-#: (1.4e-4), 2000 5x5 took 54.5 s (1.8e-4). The middle value is used: estimates are good to
-#: about a factor of 2, and a GPU is one to two orders of magnitude faster.
-SECONDS_PER_KERNEL_FAMILY_PIXEL = 1.3e-4
+#: ``acl_convert.fit.fit_kernels(device="cpu")`` with the six paper families on a 2-core Xeon
+#: (bench/fit_speed.py, docs/performance.md): the ResNet-50-shaped job, 1.26 M randomly
+#: initialised 3x3 kernels, took 180 s (2.7e-6 s/kernel/family/pixel); the real MobileNetV2 3x3
+#: kernels 1.5e-6, the real SqueezeNet 7x7 ones 1.3e-6. The slower, random-kernel figure is used:
+#: estimates are good to about a factor of 2, and a GPU is one to two orders of magnitude faster.
+SECONDS_PER_KERNEL_FAMILY_PIXEL = 2.7e-6
 
 
 @dataclass(frozen=True)

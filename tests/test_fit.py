@@ -753,3 +753,20 @@ def test_residuals_of_poor_fits_are_consistent_and_at_most_one():
         torch.testing.assert_close(r.residuals[:, j], relative_error(r.fitted(c), W), rtol=0,
                                    atol=1e-4, msg=c)
 
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_sobel_and_prewitt_are_exact_tgd1st(offset):
+    """Worked by hand: Sobel is TGD1st at theta = pi/2 (x' = y, the middle column is in the dead
+    band |x'| <= delta) with exp(-1/gamma^2) = 1/2 across it; Prewitt is the limit of a flat
+    envelope. Both exist only at exact angles, which the fit's orientation grid must contain."""
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    prewitt = torch.tensor([[-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0]])
+    W = torch.stack([sobel, sobel.T, prewitt, -prewitt.T])
+    fit = fit_kernels(W, families=("Tf",), offset=offset, device="cpu")
+    assert (fit.residuals[:, 0] < 1e-3).all(), fit.residuals[:, 0]
+    theta = fit.params["Tf"][:, 0]
+    expected = torch.tensor([math.pi / 2, 0.0, math.pi / 2, 0.0])
+    # theta in [0, pi): an angle within 1e-3 of pi counts as 0 (the same axis, sign in the gain).
+    diff = (theta - expected).abs()
+    assert (torch.minimum(diff, math.pi - diff) < 1e-3).all(), theta

@@ -23,14 +23,14 @@ __all__ = ["Dictionary", "build", "orientation_points", "search_box"]
 #: Points per positive (scale) AKP, by the family's number of AKPs: the dictionary stays near a
 #: few thousand atoms, and one- and two-AKP families get a dense enough grid that the best atom
 #: already sits in the global minimum's basin.
-SCALE_POINTS = {1: 96, 2: 16, 3: 12, 4: 6}
+SCALE_POINTS = {1: 96, 2: 16, 3: 12, 4: 8}
 #: Points of a phase axis (psi): the cosine's shape changes slowly with the phase.
 PHASE_POINTS = 6
 
 # Scales searched, in pixels: from below a pixel up to about the kernel's extent. The refinement
 # may leave this range; it only has to contain good starting points.
 _SCALE_RANGE = {
-    "lambda": lambda e: (2.0, max(4.0, 3.0 * e)),
+    "lambda": lambda e: (1.4, max(4.0, 3.0 * e)),
     "default": lambda e: (0.35, max(2.0, 3.0 * e)),
 }
 
@@ -97,7 +97,14 @@ def _axis(family: KernelFamily, k: int, h: int, w: int, shift: float) -> Tensor:
     # With a gain of either sign, pi-periodicity covers every orientation and phase: theta + pi
     # and psi + pi are a sign flip (Gabor, TGD1st) or the same kernel (TGD2nd).
     n = orientation_points(family, h, w) if p.name.startswith("theta") else PHASE_POINTS
-    return (torch.arange(n, dtype=torch.float64) + shift) * (math.pi / n)
+    axis = (torch.arange(n, dtype=torch.float64) + shift) * (math.pi / n)
+    if p.name.startswith("theta") and not family.smooth:
+        # A non-smooth family can have kernels that exist only at exact angles: TGD1st's dead
+        # band |x'| <= delta zeroes a whole row, column or diagonal of pixels only within delta
+        # of the axis (a Sobel/Prewitt-like kernel). No shifted grid point lands there and no
+        # gradient leads there, so the multiples of pi/4 are always in the grid.
+        axis = torch.cat([axis, torch.arange(4, dtype=torch.float64) * (math.pi / 4)])
+    return axis
 
 
 @lru_cache(maxsize=64)

@@ -225,6 +225,9 @@ def _fit_chunk(
     gain, _, _ = _linear_fit(fam, akp, exact, h, w, offset)
     akp, _ = fam.canonicalize(akp, gain)
     akp = akp.to(store_dtype).double()
+    # Rounding can push an angle just past its range (float32(pi) > pi): fold once more.
+    gain, _, _ = _linear_fit(fam, akp, exact, h, w, offset)
+    akp = fam.canonicalize(akp, gain)[0].to(store_dtype).double()
     gain, b, cost = _linear_fit(fam, akp, exact, h, w, offset)
     return akp.to(unit.dtype), cost.to(unit.dtype), gain.to(unit.dtype), b.to(unit.dtype)
 
