@@ -31,24 +31,57 @@ FONT_SIZE = 11
 ORIGIN_TERM = {"Ts", "Lt"}
 
 #: ASCII short names: Pillow's default font has no Greek glyphs.
-SHORT = {"lambda": "lam", "theta": "th", "psi": "psi", "sigma": "sig",
-         "gamma": "gam", "gamma1": "g1", "gamma2": "g2"}
+SHORT = {
+    "lambda": "lam",
+    "theta": "th",
+    "psi": "psi",
+    "sigma": "sig",
+    "gamma": "gam",
+    "gamma1": "g1",
+    "gamma2": "g2",
+}
 
 PI = math.pi
 #: (code, [AKPs ...]) for the 15x15 rows: angles in rad, lengths in px.
 GALLERY = [
-    ("G", [(8.0, 0.0, 0.0, 3.0), (8.0, PI / 4, 0.0, 3.0), (5.0, PI / 2, PI / 2, 2.5),
-           (12.0, 2 * PI / 3, PI, 4.0), (6.0, PI / 6, 0.0, 4.0), (10.0, 0.0, PI / 2, 1.5)]),
+    (
+        "G",
+        [
+            (8.0, 0.0, 0.0, 3.0),
+            (8.0, PI / 4, 0.0, 3.0),
+            (5.0, PI / 2, PI / 2, 2.5),
+            (12.0, 2 * PI / 3, PI, 4.0),
+            (6.0, PI / 6, 0.0, 4.0),
+            (10.0, 0.0, PI / 2, 1.5),
+        ],
+    ),
     ("Lg", [(1.0,), (1.5,), (2.0,), (2.5,), (3.0,), (4.0,)]),
-    ("Tf", [(0.0, 3.0, 3.0), (PI / 4, 3.0, 3.0), (PI / 2, 2.0, 6.0), (PI, 3.0, 3.0),
-            (2 * PI / 3, 6.0, 2.0), (0.0, 1.0, 8.0)]),
-    ("Ts", [(0.0, 3.0), (PI / 4, 3.0), (PI / 2, 5.0), (2 * PI / 3, 8.0), (0.0, 1.5),
-            (PI / 6, 12.0)]),
+    (
+        "Tf",
+        [
+            (0.0, 3.0, 3.0),
+            (PI / 4, 3.0, 3.0),
+            (PI / 2, 2.0, 6.0),
+            (PI, 3.0, 3.0),
+            (2 * PI / 3, 6.0, 2.0),
+            (0.0, 1.0, 8.0),
+        ],
+    ),
+    (
+        "Ts",
+        [(0.0, 3.0), (PI / 4, 3.0), (PI / 2, 5.0), (2 * PI / 3, 8.0), (0.0, 1.5), (PI / 6, 12.0)],
+    ),
     ("Lt", [(1.0,), (2.0,), (3.0,), (4.0,), (6.0,), (9.0,)]),
 ]
 #: One instance of every family for the small-size rows.
-SMALL = [("G", (4.0, PI / 4, 0.0, 1.5)), ("Lg", (1.0,)), ("Tf", (PI / 6, 1.5, 2.5)),
-         ("Ts", (PI / 6, 2.0)), ("Lt", (1.5,)), ("M", ())]
+SMALL = [
+    ("G", (4.0, PI / 4, 0.0, 1.5)),
+    ("Lg", (1.0,)),
+    ("Tf", (PI / 6, 1.5, 2.5)),
+    ("Ts", (PI / 6, 2.0)),
+    ("Lt", (1.5,)),
+    ("M", ()),
+]
 
 
 def colourise(k: torch.Tensor, skip_origin: bool = False) -> Image.Image:
@@ -74,8 +107,10 @@ def colourise(k: torch.Tensor, skip_origin: bool = False) -> Image.Image:
 
 def caption(code: str, akp: tuple[float, ...]) -> list[str]:
     fam = kernels.get(code)
-    parts = [f"{SHORT.get(n, n)}={v:.2f}".rstrip("0").rstrip(".")
-             for n, v in zip(fam.param_names, akp, strict=True)]
+    parts = [
+        f"{SHORT.get(n, n)}={v:.2f}".rstrip("0").rstrip(".")
+        for n, v in zip(fam.param_names, akp, strict=True)
+    ]
     parts = [f"{p}," for p in parts[:-1]] + parts[-1:]
     if not parts:
         return ["(no AKPs)"]
@@ -122,8 +157,10 @@ def render(out: Path) -> None:
             left = LABEL_W + c * (TILE + PAD)
             off = (TILE - cell * n) // 2
             img.paste(tile, (left + off, top + off))
-            draw.rectangle([left + off - 1, top + off - 1, left + off + cell * n,
-                            top + off + cell * n], outline=(160, 160, 160))
+            draw.rectangle(
+                [left + off - 1, top + off - 1, left + off + cell * n, top + off + cell * n],
+                outline=(160, 160, 160),
+            )
             lines = caption(code, akp)
             if r >= len(GALLERY):  # mixed rows: say which family each tile is
                 lines = [f"{code}: {lines[0]}", *lines[1:]]

@@ -67,8 +67,11 @@ def test_detect_resnet18_with_random_weights():
 
 
 def test_detect_ignores_num_batches_tracked():
-    state = {k: v for k, v in build_model("resnet18", device="meta").state_dict().items()
-             if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v
+        for k, v in build_model("resnet18", device="meta").state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     assert detect_arch(state) == "resnet18"
 
 
@@ -89,10 +92,13 @@ def test_detect_random_dict_is_none_and_fast():
     assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.parametrize("file, expected", [
-    ("squeezenet1_0_deepcompression_tvnorm.pth", "squeezenet1_0"),
-    ("mobilenet_v2_qnnpack_dequant_bnfolded.pth", "mobilenet_v2"),
-])
+@pytest.mark.parametrize(
+    "file, expected",
+    [
+        ("squeezenet1_0_deepcompression_tvnorm.pth", "squeezenet1_0"),
+        ("mobilenet_v2_qnnpack_dequant_bnfolded.pth", "mobilenet_v2"),
+    ],
+)
 def test_detect_real_checkpoints(file, expected):
     state = load_checkpoint(real(file)).state_dict
     assert detect_arch(state) == expected

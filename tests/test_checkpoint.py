@@ -143,8 +143,9 @@ def test_flat_dict_with_stray_entries_is_not_descended(tmp_path):
     assert sorted(ckpt.dropped) == ["epoch", "weights"]
 
 
-@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.",
-                                    "_orig_mod.module."])
+@pytest.mark.parametrize(
+    "prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."]
+)
 def test_wrapper_prefixes_stripped(tmp_path, prefix):
     state = small_state()
     path = tmp_path / "ddp.pth"
@@ -257,8 +258,10 @@ def test_unreadable_file(tmp_path, monkeypatch):
     assert "not readable" in message and "permission" in message
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root can read files without read permission")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root can read files without read permission",
+)
 def test_unreadable_file_chmod(tmp_path):
     path = tmp_path / "locked.pth"
     torch.save(small_state(), path)
@@ -296,8 +299,9 @@ def test_git_lfs_pointer(tmp_path):
     assert "git lfs pull" in str(load_error(path))
 
 
-@pytest.mark.parametrize("suffix, expected", [(".pth", "truncated or corrupt"),
-                                              (".dat", "not a checkpoint")])
+@pytest.mark.parametrize(
+    "suffix, expected", [(".pth", "truncated or corrupt"), (".dat", "not a checkpoint")]
+)
 def test_random_bytes(tmp_path, suffix, expected):
     data = bytearray(random.Random(1).randbytes(4096))
     data[0] = 0x13  # not a zip / pickle magic, whatever the generator gives

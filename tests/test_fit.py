@@ -50,7 +50,6 @@ COUNT_OFFSET = {"G": 6, "Lg": 3, "Tf": 5, "Ts": 4, "Lt": 3, "M": 1}
 COUNT_NO_OFFSET = {"G": 5, "Lg": 2, "Tf": 4, "Ts": 3, "Lt": 2, "M": 1}
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The fits are many small batched ops. On a busy 2-core machine torch's default of one
@@ -72,8 +71,9 @@ class Planted(NamedTuple):
     noisy: torch.Tensor  # (n, h, w) float32
 
 
-def plant(code: str, n: int, h: int, w: int, *, offset: bool, seed: int,
-          noise: float = NOISE) -> Planted:
+def plant(
+    code: str, n: int, h: int, w: int, *, offset: bool, seed: int, noise: float = NOISE
+) -> Planted:
     """``n`` kernels of family ``code``: formula at random AKPs, gain, offset, plus noise."""
     gen = torch.Generator().manual_seed(seed)
     fam = kernels.get(code)
@@ -223,11 +223,13 @@ def test_mixed_batch_matches_separate_fits():
         alone = fit_kernels(pf.noisy[rows], device="cpu")
         torch.testing.assert_close(alone.residuals, pf.fit.residuals[rows], rtol=0, atol=1e-6)
         for c in PAPER:
-            torch.testing.assert_close(alone.params[c], pf.fit.params[c][rows], rtol=1e-5,
-                                       atol=1e-5)
+            torch.testing.assert_close(
+                alone.params[c], pf.fit.params[c][rows], rtol=1e-5, atol=1e-5
+            )
             torch.testing.assert_close(alone.gain[c], pf.fit.gain[c][rows], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(alone.offset[c], pf.fit.offset[c][rows], rtol=1e-5,
-                                       atol=1e-6)
+            torch.testing.assert_close(
+                alone.offset[c], pf.fit.offset[c][rows], rtol=1e-5, atol=1e-6
+            )
         assert alone.select(TAU, mode="compact").codes == [chosen[i] for i in rows.tolist()]
 
 
@@ -239,8 +241,13 @@ def test_residuals_match_the_fitted_kernels():
         for j, code in enumerate(pf.fit.families):
             rows = rows_of(pf, code)
             recomputed = relative_error(pf.fit.fitted(code)[rows], pf.noisy[rows])
-            torch.testing.assert_close(pf.fit.residuals[rows, j], recomputed, rtol=1e-3,
-                                       atol=1e-6, msg=f"{code} {h}x{w} offset={offset}")
+            torch.testing.assert_close(
+                pf.fit.residuals[rows, j],
+                recomputed,
+                rtol=1e-3,
+                atol=1e-6,
+                msg=f"{code} {h}x{w} offset={offset}",
+            )
 
 
 def test_every_residual_matches_its_fitted_kernel():
@@ -360,10 +367,22 @@ def test_eligibility_needs_fewer_parameters_than_pixels():
     M 1 are. Without the offset Ts (2+1=3) becomes eligible, Tf (3+1=4) does not."""
     r = table([[0.1] * 6], PAPER, h=2, w=2)
     assert dict(zip(PAPER, r.eligible().tolist(), strict=True)) == {
-        "G": False, "Lg": True, "Tf": False, "Ts": False, "Lt": True, "M": True}
+        "G": False,
+        "Lg": True,
+        "Tf": False,
+        "Ts": False,
+        "Lt": True,
+        "M": True,
+    }
     r = table([[0.1] * 6], PAPER, h=2, w=2, offset=False)
     assert dict(zip(PAPER, r.eligible().tolist(), strict=True)) == {
-        "G": False, "Lg": True, "Tf": False, "Ts": True, "Lt": True, "M": True}
+        "G": False,
+        "Lg": True,
+        "Tf": False,
+        "Ts": True,
+        "Lt": True,
+        "M": True,
+    }
     # 1x2: only Mean (1 < 2).
     r = table([[0.1] * 6], PAPER, h=1, w=2)
     assert r.eligible().tolist() == [c == "M" for c in PAPER]
@@ -380,12 +399,15 @@ def test_selection_never_picks_an_ineligible_family(mode):
 
 def test_best_takes_lowest_residual_within_threshold():
     fams = ("G", "Lg", "Tf", "M")
-    r = table([
-        [0.010, 0.015, 0.030, 0.200],  # G lowest
-        [0.050, 0.040, 0.030, 0.060],  # lowest (Tf) above tau -> plain
-        [0.030, 0.019, 0.025, 0.900],  # Lg
-        [0.300, 0.300, 0.300, 0.005],  # M lowest
-    ], fams)
+    r = table(
+        [
+            [0.010, 0.015, 0.030, 0.200],  # G lowest
+            [0.050, 0.040, 0.030, 0.060],  # lowest (Tf) above tau -> plain
+            [0.030, 0.019, 0.025, 0.900],  # Lg
+            [0.300, 0.300, 0.300, 0.005],  # M lowest
+        ],
+        fams,
+    )
     s = r.select(0.02)  # best is the default mode
     assert isinstance(s, Selection)
     assert s.codes == ["G", "P", "Lg", "M"]
@@ -396,11 +418,14 @@ def test_best_takes_lowest_residual_within_threshold():
 
 def test_best_breaks_exact_ties_by_fewer_parameters():
     fams = ("G", "Tf", "Lg", "M")
-    r = table([
-        [0.01, 0.01, 0.01, 0.01],  # all equal -> M (1 parameter)
-        [0.01, 0.01, 0.01, 0.50],  # -> Lg (3)
-        [0.01, 0.01, 0.02, 0.50],  # -> Tf (5) over G (6)
-    ], fams)
+    r = table(
+        [
+            [0.01, 0.01, 0.01, 0.01],  # all equal -> M (1 parameter)
+            [0.01, 0.01, 0.01, 0.50],  # -> Lg (3)
+            [0.01, 0.01, 0.02, 0.50],  # -> Tf (5) over G (6)
+        ],
+        fams,
+    )
     assert r.select(0.05, mode="best").codes == ["M", "Lg", "Tf"]
     # A strictly lower residual still wins over fewer parameters.
     r = table([[0.0100, 0.0101, 0.0101, 0.0101]], fams)
@@ -409,13 +434,16 @@ def test_best_breaks_exact_ties_by_fewer_parameters():
 
 def test_compact_takes_fewest_parameters_within_threshold():
     fams = ("G", "Tf", "Ts", "Lg", "M")
-    r = table([
-        [0.001, 0.005, 0.010, 0.015, 0.300],  # Lg: fewest among r <= tau
-        [0.001, 0.005, 0.010, 0.150, 0.019],  # M (1 parameter) at 0.019
-        [0.001, 0.050, 0.050, 0.050, 0.050],  # only G qualifies
-        [0.030, 0.050, 0.050, 0.050, 0.050],  # none -> plain
-        [0.001, 0.015, 0.019, 0.021, 0.300],  # Ts
-    ], fams)
+    r = table(
+        [
+            [0.001, 0.005, 0.010, 0.015, 0.300],  # Lg: fewest among r <= tau
+            [0.001, 0.005, 0.010, 0.150, 0.019],  # M (1 parameter) at 0.019
+            [0.001, 0.050, 0.050, 0.050, 0.050],  # only G qualifies
+            [0.030, 0.050, 0.050, 0.050, 0.050],  # none -> plain
+            [0.001, 0.015, 0.019, 0.021, 0.300],  # Ts
+        ],
+        fams,
+    )
     s = r.select(0.02, mode="compact")
     assert s.codes == ["Lg", "M", "G", "P", "Ts"]
     torch.testing.assert_close(s.residual, torch.tensor([0.015, 0.019, 0.001, 0.0, 0.019]))
@@ -442,8 +470,9 @@ def test_compact_breaks_parameter_ties_by_lower_residual(order):
 
 
 def test_selection_skips_non_finite_residuals():
-    r = table([[float("nan"), 0.01], [0.001, float("inf")], [float("nan"), float("nan")]],
-              ("G", "Lg"))
+    r = table(
+        [[float("nan"), 0.01], [0.001, float("inf")], [float("nan"), float("nan")]], ("G", "Lg")
+    )
     for mode in SELECT_MODES:
         assert r.select(0.05, mode=mode).codes == ["Lg", "G", "P"]
 
@@ -603,8 +632,13 @@ def test_input_dtypes_and_layout():
 def test_progress_reports_every_chunk():
     calls = []
     W = torch.randn(600, 3, 3, generator=torch.Generator().manual_seed(3))
-    fit_kernels(W, families=["Lg", "M"], device="cpu", memory=1,
-                progress=lambda code, n: calls.append((code, n)))
+    fit_kernels(
+        W,
+        families=["Lg", "M"],
+        device="cpu",
+        memory=1,
+        progress=lambda code, n: calls.append((code, n)),
+    )
     assert calls == [("Lg", 256), ("Lg", 256), ("Lg", 88), ("M", 256), ("M", 256), ("M", 88)]
 
 
@@ -614,8 +648,9 @@ def test_progress_reports_every_chunk():
 @cache
 def small_planted(h: int = 5, w: int = 5, n: int = 20) -> tuple[torch.Tensor, list[str]]:
     """``n`` noisy planted kernels per family, offset on, in family order."""
-    W = torch.cat([plant(c, n, h, w, offset=True, seed=_seed(c, h, w, True) + 3).noisy
-                   for c in PAPER])
+    W = torch.cat(
+        [plant(c, n, h, w, offset=True, seed=_seed(c, h, w, True) + 3).noisy for c in PAPER]
+    )
     return W, [c for c in PAPER for _ in range(n)]
 
 
@@ -696,11 +731,15 @@ def test_offset_on_is_no_worse_for_the_planted_family():
         assert (r_on <= r_off + 1e-5).float().mean() >= 0.99
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "local search: for ~0.5-1 % of (kernel, family) pairs the offset=True fit lands in a worse "
-    "local minimum than the offset=False fit (mostly G and Tf fitted to other families' kernels, "
-    "worst 0.19; also ~1 in 400 planted Gabor kernels, by up to 0.008), although the offset "
-    "model contains the no-offset model"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "local search: for ~0.5-1 % of (kernel, family) pairs the offset=True fit lands in a "
+        "worse local minimum than the offset=False fit (mostly G and Tf fitted to other "
+        "families' kernels, worst 0.19; also ~1 in 400 planted Gabor kernels, by up to 0.008), "
+        "although the offset model contains the no-offset model"
+    ),
+)
 def test_offset_on_is_never_worse_than_offset_off():
     """Nested models: ``r(offset=True) <= r(offset=False)`` for every kernel and family."""
     pf, with_offset = planted_fit(7, 7, False), refit_with_offset(7, 7)
@@ -729,8 +768,9 @@ def test_scaling_by_1000_scales_gains_and_offsets():
         j = a.families.index(code)
         torch.testing.assert_close(b.residuals[rows, j], a.residuals[rows, j], rtol=0, atol=1e-4)
         scale = W[rows].flatten(1).norm(dim=1) * 1000
-        torch.testing.assert_close(b.gain[code][rows], 1000 * a.gain[code][rows], rtol=1e-2,
-                                   atol=1e-3)
+        torch.testing.assert_close(
+            b.gain[code][rows], 1000 * a.gain[code][rows], rtol=1e-2, atol=1e-3
+        )
         off = (b.offset[code][rows] - 1000 * a.offset[code][rows]).abs() / scale
         assert off.max() <= 1e-3, code
 
@@ -750,9 +790,9 @@ def test_residuals_of_poor_fits_are_consistent_and_at_most_one():
     r = fit_kernels(W, device="cpu")
     assert r.residuals.max() <= 1 + 1e-6
     for j, c in enumerate(r.families):
-        torch.testing.assert_close(r.residuals[:, j], relative_error(r.fitted(c), W), rtol=0,
-                                   atol=1e-4, msg=c)
-
+        torch.testing.assert_close(
+            r.residuals[:, j], relative_error(r.fitted(c), W), rtol=0, atol=1e-4, msg=c
+        )
 
 
 @pytest.mark.parametrize("offset", [True, False])

@@ -161,8 +161,9 @@ def test_forward_equals_conv2d(stride, padding, dilation, groups, kernel_size):
             assert str(info.value) == str(err)
             continue
         gain, offset = extras
-        layer = ACL(*args, assignment=cycled(CO * CI // groups), gain=gain, offset=offset,
-                    generator=gen(2))
+        layer = ACL(
+            *args, assignment=cycled(CO * CI // groups), gain=gain, offset=offset, generator=gen(2)
+        )
         h, w = pair(kernel_size)
         assert layer.weight.shape == ref.weight.shape == (CO, CI // groups, h, w)
 
@@ -185,8 +186,16 @@ def test_forward_equals_conv2d(stride, padding, dilation, groups, kernel_size):
 
         baked = layer.to_conv2d()
         assert type(baked) is nn.Conv2d
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "padding_mode"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        ):
             assert getattr(baked, attr) == getattr(ref, attr), attr
         assert (baked.bias is None) == (not bias)
         torch.testing.assert_close(baked(x), out, rtol=0, atol=1e-6)
@@ -219,8 +228,16 @@ def test_non_contiguous_input():
 def test_hyper_parameters_are_exposed_like_conv2d():
     layer = ACL(4, 6, (3, 5), 2, (1, 2), 2, 2, False, "reflect", assignment="P12")
     ref = nn.Conv2d(4, 6, (3, 5), 2, (1, 2), 2, 2, False, "reflect")
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                 "groups", "padding_mode"):
+    for attr in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ):
         assert getattr(layer, attr) == getattr(ref, attr), attr
     assert layer.bias is None
 
@@ -294,8 +311,14 @@ def test_kernel_order(groups, ci, co, kernel_size):
         codes[k] = "G"
         plain = torch.randn(n - 1, h, w, generator=gen(k), dtype=torch.float64)
         layer = ACL.from_assignment(
-            ci, co, kernel_size, codes, {"G": torch.tensor([[lam, theta, psi, sigma]])},
-            plain=plain, groups=groups, dtype=torch.float64,
+            ci,
+            co,
+            kernel_size,
+            codes,
+            {"G": torch.tensor([[lam, theta, psi, sigma]])},
+            plain=plain,
+            groups=groups,
+            dtype=torch.float64,
         )
         q, p = divmod(k, cpg)
         weight = layer.weight
@@ -369,8 +392,18 @@ def test_from_assignment_values_come_back(gain, offset):
     codes = cycled(3 * 5)
     akps, gains, offsets, plain = values_for(codes, h, w, gain=gain, offset=offset)
     bias = torch.randn(5, dtype=torch.float64)
-    layer = ACL.from_assignment(3, 5, (h, w), codes, akps, gains=gains, offsets=offsets,
-                                plain=plain, bias=bias, dtype=torch.float64)
+    layer = ACL.from_assignment(
+        3,
+        5,
+        (h, w),
+        codes,
+        akps,
+        gains=gains,
+        offsets=offsets,
+        plain=plain,
+        bias=bias,
+        dtype=torch.float64,
+    )
     assert layer.gain_enabled == gain and layer.offset_enabled == offset
     for code in ALL[:-1]:
         torch.testing.assert_close(layer.akps(code), akps[code])
@@ -391,12 +424,19 @@ def test_from_assignment_values_come_back(gain, offset):
 
 def test_from_assignment_gabor_in_paper_units():
     layer = ACL.from_assignment(
-        1, 2, 7, ["G", "P"], {"G": torch.tensor([[5.0, 2.0, -1.0, 1.2]])},
-        gains={"G": torch.tensor([-0.5])}, offsets={"G": torch.tensor([0.25])},
-        plain=torch.zeros(1, 7, 7), dtype=torch.float64,
+        1,
+        2,
+        7,
+        ["G", "P"],
+        {"G": torch.tensor([[5.0, 2.0, -1.0, 1.2]])},
+        gains={"G": torch.tensor([-0.5])},
+        offsets={"G": torch.tensor([0.25])},
+        plain=torch.zeros(1, 7, 7),
+        dtype=torch.float64,
     )
-    torch.testing.assert_close(layer.akps("G"), torch.tensor([[5.0, 2.0, -1.0, 1.2]],
-                                                             dtype=torch.float64))
+    torch.testing.assert_close(
+        layer.akps("G"), torch.tensor([[5.0, 2.0, -1.0, 1.2]], dtype=torch.float64)
+    )
     expected = -0.5 * ref_gabor(7, 7, 5.0, 2.0, -1.0, 1.2) + 0.25
     torch.testing.assert_close(layer.weight[0, 0], expected)
 
@@ -461,8 +501,9 @@ def test_from_conv_does_not_alias_the_conv():
 
 
 def test_float64():
-    layer = ACL.from_pattern(3, 8, 5, "G4Lg4Tf4Ts4Lt4M2P2", gain=True, offset=True,
-                             dtype=torch.float64, generator=gen(0))
+    layer = ACL.from_pattern(
+        3, 8, 5, "G4Lg4Tf4Ts4Lt4M2P2", gain=True, offset=True, dtype=torch.float64, generator=gen(0)
+    )
     assert all(p.dtype == torch.float64 for p in layer.parameters())
     assert layer.weight.dtype == torch.float64
     assert layer.akps("G").dtype == torch.float64
@@ -484,18 +525,20 @@ def test_double_after_construction():
 
 def test_device_argument_cpu():
     layer = ACL.from_pattern(2, 4, 3, "G2Tf2P4", device="cpu")
-    assert all(t.device.type == "cpu" for t in itertools.chain(layer.parameters(),
-                                                               layer.buffers()))
+    assert all(t.device.type == "cpu" for t in itertools.chain(layer.parameters(), layer.buffers()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda():
-    cpu = ACL.from_pattern(3, 8, 5, "G4Lg4Tf4Ts4Lt4M2P2", padding=2, gain=True, offset=True,
-                           generator=gen(0))
-    built = ACL.from_pattern(3, 8, 5, "G4Lg4Tf4Ts4Lt4M2P2", padding=2, gain=True, offset=True,
-                             device="cuda")
-    assert all(t.device.type == "cuda" for t in itertools.chain(built.parameters(),
-                                                                built.buffers()))
+    cpu = ACL.from_pattern(
+        3, 8, 5, "G4Lg4Tf4Ts4Lt4M2P2", padding=2, gain=True, offset=True, generator=gen(0)
+    )
+    built = ACL.from_pattern(
+        3, 8, 5, "G4Lg4Tf4Ts4Lt4M2P2", padding=2, gain=True, offset=True, device="cuda"
+    )
+    assert all(
+        t.device.type == "cuda" for t in itertools.chain(built.parameters(), built.buffers())
+    )
     assert built.weight.device.type == "cuda"
     moved = copy.deepcopy(cpu).cuda()
     x = torch.randn(2, 3, 10, 10, generator=gen(1))
@@ -602,8 +645,9 @@ def test_set_values_drops_cache():
         layer(x)
     assert layer._cached_weight is not None
     new_plain = torch.randn(2, 3, 3, generator=gen(2))
-    layer.set_values({"G": torch.tensor([[3.0, 0.5, 0.1, 1.0]]), "Lg": torch.tensor([[0.9]])},
-                     plain=new_plain)
+    layer.set_values(
+        {"G": torch.tensor([[3.0, 0.5, 0.1, 1.0]]), "Lg": torch.tensor([[0.9]])}, plain=new_plain
+    )
     assert layer._cached_weight is None
     torch.testing.assert_close(layer.weight.view(-1, 3, 3)[2:], new_plain, rtol=0, atol=0)
     torch.testing.assert_close(layer(x), F.conv2d(x, layer.synthesize(), layer.bias))
@@ -722,8 +766,17 @@ GRAD_CODES = ["G", "Lg", "Tf", "Ts", "Lt", "M", "P", "P"]
 def test_gradcheck_through_forward(gain, offset):
     akps, gains, offsets, plain = values_for(GRAD_CODES, 5, 5, gain=gain, offset=offset, seed=3)
     layer = ACL.from_assignment(
-        2, 4, 5, GRAD_CODES, akps, gains=gains, offsets=offsets, plain=plain,
-        bias=torch.randn(4, dtype=torch.float64), padding=1, dtype=torch.float64,
+        2,
+        4,
+        5,
+        GRAD_CODES,
+        akps,
+        gains=gains,
+        offsets=offsets,
+        plain=plain,
+        bias=torch.randn(4, dtype=torch.float64),
+        padding=1,
+        dtype=torch.float64,
     )
     names = [name for name, _ in layer.named_parameters()]
     expected = {"akp.G", "akp.Lg", "akp.Tf", "akp.Ts", "akp.Lt", "plain", "bias"}
@@ -744,8 +797,20 @@ def test_gradcheck_circular_strided_grouped():
     codes = ["G", "Tf", "Ts", "P", "Lg", "Lt", "M", "P"]
     akps, gains, offsets, plain = values_for(codes, 3, 3, gain=True, offset=True, seed=5)
     layer = ACL.from_assignment(
-        4, 4, 3, codes, akps, gains=gains, offsets=offsets, plain=plain, bias=None,
-        stride=2, padding=1, groups=2, padding_mode="circular", dtype=torch.float64,
+        4,
+        4,
+        3,
+        codes,
+        akps,
+        gains=gains,
+        offsets=offsets,
+        plain=plain,
+        bias=None,
+        stride=2,
+        padding=1,
+        groups=2,
+        padding_mode="circular",
+        dtype=torch.float64,
     )
     names = [name for name, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
@@ -758,8 +823,9 @@ def test_gradcheck_circular_strided_grouped():
 
 
 def test_gradients_reach_every_parameter():
-    layer = ACL.from_pattern(2, 4, 5, "G1Lg1Tf1Ts1Lt1M1P2", padding=2, gain=True, offset=True,
-                             generator=gen(0))
+    layer = ACL.from_pattern(
+        2, 4, 5, "G1Lg1Tf1Ts1Lt1M1P2", padding=2, gain=True, offset=True, generator=gen(0)
+    )
     layer(torch.randn(2, 2, 8, 8, generator=gen(1))).square().mean().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -813,8 +879,16 @@ def test_compact_factor_matches_pattern_module(text):
 def test_compact_factor_counts_the_layers_parameters(gain, offset, groups):
     """Eq. 25 is about the layer's learnable kernel parameters: the number must be the one the
     layer actually holds."""
-    layer = ACL(4, 6, (3, 5), groups=groups, assignment=cycled(6 * 4 // groups), gain=gain,
-                offset=offset, generator=gen(0))
+    layer = ACL(
+        4,
+        6,
+        (3, 5),
+        groups=groups,
+        assignment=cycled(6 * 4 // groups),
+        gain=gain,
+        offset=offset,
+        generator=gen(0),
+    )
     expected = 1 - kernel_params(layer) / (6 * (4 // groups) * 3 * 5)
     assert layer.compact_factor() == pytest.approx(expected, abs=1e-12)
 
@@ -852,20 +926,41 @@ def test_canonicalize_keeps_weight(gain):
         return torch.rand(n, generator=g, dtype=torch.float64) * 20 - 10
 
     akps = {
-        "G": torch.stack([torch.full((n,), 3.5, dtype=torch.float64), angles(), angles(),
-                          torch.full((n,), 1.4, dtype=torch.float64)], -1),
+        "G": torch.stack(
+            [
+                torch.full((n,), 3.5, dtype=torch.float64),
+                angles(),
+                angles(),
+                torch.full((n,), 1.4, dtype=torch.float64),
+            ],
+            -1,
+        ),
         "Ts": torch.stack([angles(), torch.full((n,), 1.8, dtype=torch.float64)], -1),
-        "Tf": torch.stack([angles(), torch.full((n,), 1.6, dtype=torch.float64),
-                           torch.full((n,), 2.2, dtype=torch.float64)], -1),
+        "Tf": torch.stack(
+            [
+                angles(),
+                torch.full((n,), 1.6, dtype=torch.float64),
+                torch.full((n,), 2.2, dtype=torch.float64),
+            ],
+            -1,
+        ),
         "Lg": torch.tensor([[1.1], [0.8]], dtype=torch.float64),
     }
     gains = None
     if gain:
-        gains = {c: torch.rand(len(v), generator=g, dtype=torch.float64) * 2 - 1
-                 for c, v in akps.items()}
-    layer = ACL.from_assignment(ci, co, 5, codes, akps, gains=gains,
-                                plain=torch.randn(2, 5, 5, dtype=torch.float64),
-                                dtype=torch.float64)
+        gains = {
+            c: torch.rand(len(v), generator=g, dtype=torch.float64) * 2 - 1 for c, v in akps.items()
+        }
+    layer = ACL.from_assignment(
+        ci,
+        co,
+        5,
+        codes,
+        akps,
+        gains=gains,
+        plain=torch.randn(2, 5, 5, dtype=torch.float64),
+        dtype=torch.float64,
+    )
     before = layer.weight.detach().clone()
     assert layer.canonicalize_() is layer
     torch.testing.assert_close(layer.weight, before, rtol=1e-9, atol=1e-9)
@@ -1006,8 +1101,9 @@ def test_set_values_wrong_shapes():
         "offsets": {"G": torch.zeros(2), "Lg": torch.zeros(1)},
         "plain": torch.zeros(3, 3, 3),
     }
-    layer.set_values(good["akps"], gains=good["gains"], offsets=good["offsets"],
-                     plain=good["plain"])
+    layer.set_values(
+        good["akps"], gains=good["gains"], offsets=good["offsets"], plain=good["plain"]
+    )
 
     def call(**changes):
         kw = {**good, **changes}
@@ -1039,16 +1135,23 @@ def test_set_values_wrong_bias_shape(shape):
 @pytest.mark.parametrize("code,value", [("Lg", [[-1.0]]), ("G", [[0.0, 0.1, 0.2, 1.0]])])
 def test_from_assignment_rejects_invalid_akps(code, value):
     with pytest.raises(ValueError):
-        ACL.from_assignment(1, 2, 3, [code, "P"], {code: torch.tensor(value)},
-                            plain=torch.zeros(1, 3, 3))
+        ACL.from_assignment(
+            1, 2, 3, [code, "P"], {code: torch.tensor(value)}, plain=torch.zeros(1, 3, 3)
+        )
 
 
 def test_from_assignment_missing_gains_for_a_family():
     codes = ["G", "M", "P", "P"]
     with pytest.raises(ValueError, match="M"):
-        ACL.from_assignment(2, 2, 3, codes, {"G": torch.tensor([[3.0, 0.1, 0.0, 1.0]]),
-                                             "M": torch.empty(1, 0)},
-                            gains={"G": torch.ones(1)}, plain=torch.zeros(2, 3, 3))
+        ACL.from_assignment(
+            2,
+            2,
+            3,
+            codes,
+            {"G": torch.tensor([[3.0, 0.1, 0.0, 1.0]]), "M": torch.empty(1, 0)},
+            gains={"G": torch.ones(1)},
+            plain=torch.zeros(2, 3, 3),
+        )
 
 
 # --- public name (SPEC §5) ----------------------------------------------------------------------

@@ -63,8 +63,15 @@ def test_conv_layers_with_model_carry_hyperparameters(resnet):
     state, model = resnet
     layers = {layer.name: layer for layer in conv_layers(state, model)}
     conv1 = layers["conv1"]
-    assert (conv1.groups, conv1.in_channels, conv1.stride, conv1.padding, conv1.dilation,
-            conv1.padding_mode, conv1.bias) == (1, 3, (2, 2), (3, 3), (1, 1), "zeros", False)
+    assert (
+        conv1.groups,
+        conv1.in_channels,
+        conv1.stride,
+        conv1.padding,
+        conv1.dilation,
+        conv1.padding_mode,
+        conv1.bias,
+    ) == (1, 3, (2, 2), (3, 3), (1, 1), "zeros", False)
     assert layers["layer2.0.downsample.0"].kernel_size == (1, 1)
 
 
@@ -103,8 +110,12 @@ def test_exact_names_with_or_without_weight(resnet):
 
 def test_glob_and_all(resnet):
     state, _ = resnet
-    assert select(["layer1.*"], state) == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1",
-                                           "layer1.1.conv2"]
+    assert select(["layer1.*"], state) == [
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer1.1.conv1",
+        "layer1.1.conv2",
+    ]
     assert select(["*.conv2"], state)[-1] == "layer4.1.conv2"
     assert len(select(["all"], state)) == 17
     assert "layer2.0.downsample.0" not in select(["all"], state)
@@ -141,8 +152,9 @@ def test_selected_1xn_conv():
     assert "1x7 convolution" in usage_error(["a"], state)
 
 
-@pytest.mark.parametrize("name, shape", [("fc", "(1000, 512)"), ("bn1", "(64,)"),
-                                         ("layer1.0.bn2", "(64,)")])
+@pytest.mark.parametrize(
+    "name, shape", [("fc", "(1000, 512)"), ("bn1", "(64,)"), ("layer1.0.bn2", "(64,)")]
+)
 def test_selected_non_conv(resnet, name, shape):
     state, _ = resnet
     message = usage_error([name], state)
@@ -180,11 +192,14 @@ def test_empty_selection(resnet):
     assert "needs a layer name" in usage_error([" , "], state)
 
 
-@pytest.mark.parametrize("selector, state, expected", [
-    ("all", {"a.weight": torch.empty(4, 4, 1, 1)}, "no convolution with kernels of 2x2"),
-    ("x", {"a.weight": torch.empty(4, 4, 1, 1)}, "no convolution with kernels of 2x2"),
-    ("x", {"fc.weight": torch.empty(2, 2)}, "no 2-D convolution"),
-])
+@pytest.mark.parametrize(
+    "selector, state, expected",
+    [
+        ("all", {"a.weight": torch.empty(4, 4, 1, 1)}, "no convolution with kernels of 2x2"),
+        ("x", {"a.weight": torch.empty(4, 4, 1, 1)}, "no convolution with kernels of 2x2"),
+        ("x", {"fc.weight": torch.empty(2, 2)}, "no 2-D convolution"),
+    ],
+)
 def test_nothing_eligible_is_a_checkpoint_problem(selector, state, expected):
     with pytest.raises(UserError) as info:
         select_layers([selector], conv_layers(state), state)
