@@ -180,3 +180,42 @@ def test_squeezenet_conv1_is_largely_gabor(squeezenet_ckpt, converted):
     assert lay["converted"] >= 40
     assert counts.get("G", 0) >= lay["converted"] // 2
     assert 0 < lay["compact_factor"] < 1
+
+
+def test_calibration_reports_fidelity_computed_independently(
+    invoke, tmp_path, squeezenet_ckpt, copy_images
+):
+    """``--calibration``: the report's fidelity equals what we get by running torchvision's
+    SqueezeNet with the original and with the baked weights on the same images, preprocessed
+    by torchvision's own weights transform."""
+    from PIL import Image
+
+    images = copy_images(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = out / "r.json"
+    args = [squeezenet_ckpt, "-l", "features.0", "-t", "0.5", "--calibration", images]
+    result = invoke(*args, "-o", out / "a.anann.safetensors", "--report", report, "-q")
+    assert result.exit_code == 0, result.stderr
+    fid = json.loads(report.read_text())["fidelity"]
+    assert fid["images"] == 6
+    assert "fidelity" in result.stdout and "top-1 agreement" in result.stdout
+
+    baked_path = out / "baked.safetensors"
+    assert invoke("bake", out / "a.anann.safetensors", "-o", baked_path, "-q").exit_code == 0
+    original = torchvision.models.squeezenet1_0(weights=None).eval()
+    original.load_state_dict(torch.load(squeezenet_ckpt, weights_only=True))
+    baked = torchvision.models.squeezenet1_0(weights=None).eval()
+    baked.load_state_dict(load_file(baked_path))
+    transform = torchvision.models.SqueezeNet1_0_Weights.DEFAULT.transforms()
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(images.iterdir())])
+    with torch.no_grad():
+        zo, zb = original(x), baked(x)
+        f0o = original.features[0](x)
+        f0b = baked.features[0](x)
+    assert fid["logits_rel_error"] == pytest.approx(float((zb - zo).norm() / zo.norm()), rel=1e-3)
+    agree = float((zo.argmax(1) == zb.argmax(1)).double().mean())
+    assert fid["top1_agreement"] == pytest.approx(agree)
+    layer_err = float((f0b - f0o).norm() / f0o.norm())
+    assert fid["layer_rel_error"]["features.0"] == pytest.approx(layer_err, rel=1e-3)
+    assert 0 < layer_err < 1
