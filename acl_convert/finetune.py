@@ -1,0 +1,359 @@
+"""Fine-tuning an AnaNN: which parameters train, the objectives, and a resumable training loop.
+
+Three objectives (``objective=``):
+
+``logits``
+    Distillation: KL divergence between the teacher's and the student's softened class
+    distributions (temperature ``T``, scaled by ``T^2`` as usual). Needs a teacher (the original
+    network), so unlabelled images suffice.
+``layers``
+    Distillation of each converted layer alone: the teacher's input to that layer is fed to the
+    student's ACL and its output is pulled towards the teacher conv's output (relative squared
+    error, averaged over layers). Only the teacher runs forward in full and nothing back-propagates
+    through the network, so this is several times cheaper; only ACL parameters learn.
+``labels``
+    Supervised cross-entropy against the images' labels.
+
+Parameter groups (``train=``): ``akp`` (the AKPs, gains and offsets of every ACL), ``plain`` (the
+ACLs' plain kernels) and ``rest`` (everything else: other layers, biases, batch norm). Each has
+its own learning rate; groups not trained are frozen (``requires_grad=False``).
+
+Each epoch ends with an atomic save of the AnaNN (AKPs canonicalised, header extended with the
+fine-tuning record) and of a training-state file next to it (raw parameters, optimiser state,
+epoch, losses), which ``resume=True`` continues from.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .anann import save_anann
+from .errors import UsageError, UserError
+from .files import write_atomic
+from .layer import ACL
+
+__all__ = [
+    "GROUPS",
+    "OBJECTIVES",
+    "FinetuneConfig",
+    "acl_layers",
+    "param_groups",
+    "state_path",
+    "finetune",
+]
+
+GROUPS = ("akp", "plain", "rest")
+OBJECTIVES = ("logits", "layers", "labels")
+_FORMAT = "acl-convert/finetune-state"
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of a fine-tuning run (recorded in the AnaNN header and the state file).
+
+    Attributes:
+        objective: one of :data:`OBJECTIVES`.
+        train: the parameter groups that learn, a subset of :data:`GROUPS`.
+        lr: learning rate per group (Adam); AKPs live in unconstrained units (log-scales and
+            radians), where Adam at 1e-3 moves a scale by about 0.1 % per step; 1e-2 diverges
+            on SqueezeNet conv1.
+        epochs: passes over the data.
+        batch_size: images per step.
+        temperature: softening of the ``logits`` objective.
+        seed: seeds the shuffling of the images (and nothing else: the model is deterministic).
+    """
+
+    objective: str = "logits"
+    train: tuple[str, ...] = ("akp",)
+    lr: dict[str, float] = field(default_factory=lambda: {"akp": 1e-3, "plain": 1e-4, "rest": 1e-5})
+    epochs: int = 1
+    batch_size: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` for a value that cannot work."""
+        if self.objective not in OBJECTIVES:
+            raise UsageError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        bad = [g for g in self.train if g not in GROUPS]
+        if bad or not self.train:
+            raise UsageError(
+                f"parameters to train must be a non-empty subset of {', '.join(GROUPS)}, "
+                f"got {','.join(self.train) or 'nothing'}"
+            )
+        if self.objective == "layers" and set(self.train) - {"akp", "plain"}:
+            raise UsageError(
+                "the 'layers' objective trains only the ACLs (akp, plain); use 'logits' to "
+                "train the rest of the network too"
+            )
+        for name, value in self.lr.items():
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"learning rate of {name} must be a number > 0, got {value}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("epochs and batch size must be >= 1")
+        if not self.temperature > 0:
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
+
+
+def acl_layers(model: nn.Module) -> dict[str, ACL]:
+    """The ACL layers of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ACL)}
+
+
+def _group_of(name: str, acls: Sequence[str]) -> str:
+    for layer in acls:
+        prefix = layer + "." if layer else ""
+        if name.startswith(prefix):
+            local = name[len(prefix) :]
+            if local.split(".", 1)[0] in ("akp", "gain", "offset"):
+                return "akp"
+            if local == "plain":
+                return "plain"
+    return "rest"
+
+
+def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """Optimiser groups for ``model``: one per trained group of :data:`GROUPS` with its learning
+    rate; parameters of the other groups are frozen. Each group dict has ``name``, ``params``
+    and ``lr``."""
+    acls = list(acl_layers(model))
+    if not acls:
+        raise UserError("the model has no ACL layers; fine-tune an AnaNN made by acl-convert")
+    by_group: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
+    for name, p in model.named_parameters():
+        group = _group_of(name, acls)
+        p.requires_grad_(group in config.train)
+        by_group[group].append(p)
+    groups = [
+        {"name": g, "params": by_group[g], "lr": config.lr[g]}
+        for g in GROUPS
+        if g in config.train and by_group[g]
+    ]
+    if not groups:
+        raise UserError(
+            f"nothing to train: the model has no parameters in {', '.join(config.train)}"
+        )
+    return groups
+
+
+def state_path(anann_path: str | Path) -> Path:
+    """Where the training state of the AnaNN ``anann_path`` is kept (``<name>.state.pt``)."""
+    p = Path(anann_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".state.pt")
+
+
+def _capture_io(model: nn.Module, names: Sequence[str]):
+    store: dict[str, tuple[Tensor, Tensor]] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m, inp, out, name=name):
+            # Copies: an in-place ReLU after the conv would overwrite its output.
+            store[name] = (inp[0].detach(), out.detach().clone())
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    return store, handles
+
+
+def _loss(
+    config: FinetuneConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    acls: dict[str, ACL],
+    x: Tensor,
+    y: Tensor | None,
+) -> Tensor:
+    if config.objective == "labels":
+        if y is None:
+            raise UserError("the 'labels' objective needs labelled images; give labels")
+        return F.cross_entropy(student(x), y)
+    assert teacher is not None  # checked by finetune()
+    if config.objective == "logits":
+        with torch.no_grad():
+            zt = teacher(x)
+        t = config.temperature
+        return F.kl_div(
+            F.log_softmax(student(x) / t, 1),
+            F.log_softmax(zt / t, 1),
+            log_target=True,
+            reduction="batchmean",
+        ) * (t * t)
+    store, handles = _capture_io(teacher, list(acls))
+    try:
+        with torch.no_grad():
+            teacher(x)
+    finally:
+        for h in handles:
+            h.remove()
+    losses = []
+    for name, acl in acls.items():
+        inp, target = store[name]
+        diff = acl(inp) - target
+        losses.append(diff.square().sum() / target.square().sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+def _shuffled(items: list, seed: int, epoch: int) -> list:
+    order = list(items)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def finetune(
+    student: nn.Module,
+    samples: Sequence[Any],
+    load: Callable[[Sequence[Any]], tuple[Tensor, Tensor | None]],
+    config: FinetuneConfig,
+    *,
+    output: str | Path,
+    header: dict[str, Any],
+    teacher: nn.Module | None = None,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[float]:
+    """Fine-tune ``student`` (a model with ACL layers) and save it after every epoch.
+
+    Args:
+        student: the AnaNN module (e.g. from :func:`acl_convert.load_anann`); trained in place.
+        samples: the training items (e.g. image paths, or ``(path, label)`` pairs); shuffled per
+            epoch with ``config.seed``.
+        load: turns a batch of items into ``(images (B, 3, H, W), labels (B,) or None)``.
+        config: see :class:`FinetuneConfig`.
+        output: the AnaNN file written after each epoch (atomically); its training state goes to
+            :func:`state_path` ``(output)``.
+        header: the AnaNN header of the input (kept, with a ``finetune`` record added).
+        teacher: the original network, required by the ``logits`` and ``layers`` objectives.
+        resume: continue from the state file of ``output`` (same settings) instead of starting.
+        device: where to train.
+        progress: called as ``progress(epoch, images_done, loss)`` after every step.
+
+    Returns:
+        The mean training loss of every epoch run so far (resumed epochs included).
+    """
+    config.check()
+    if config.objective != "labels" and teacher is None:
+        raise UsageError(
+            f"the '{config.objective}' objective distils from the original network; "
+            "give the teacher (--teacher ORIGINAL) or use --objective labels"
+        )
+    if not samples:
+        raise UserError("no training images; give a folder with images")
+    device = torch.device(device)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    acls = acl_layers(student)
+    groups = param_groups(student, config)
+    optimizer = torch.optim.Adam(groups)
+    epoch0, losses = 0, []
+    spath = state_path(output)
+    if resume:
+        epoch0, losses = _restore(spath, student, optimizer, config)
+    for epoch in range(epoch0, config.epochs):
+        # BatchNorm statistics stay those of the pretrained network: fine-tuning runs on far
+        # fewer images than they were estimated on.
+        student.eval()
+        for acl in acls.values():
+            acl.train()  # no cached weight while its parameters change
+        total, seen = 0.0, 0
+        order = _shuffled(list(samples), config.seed, epoch)
+        for start in range(0, len(order), config.batch_size):
+            x, y = load(order[start : start + config.batch_size])
+            x = x.to(device)
+            y = None if y is None else y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(config, student, teacher, acls, x, y)
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"the loss became {float(loss)} in epoch {epoch + 1}; lower the learning "
+                    "rates (--lr-akp, --lr-plain, --lr-rest)"
+                )
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(x)
+            seen += len(x)
+            if progress is not None:
+                progress(epoch, seen, loss.item())
+        losses.append(total / max(seen, 1))
+        _save(output, spath, student, optimizer, config, header, epoch + 1, losses)
+    student.eval()
+    return losses
+
+
+def _save(
+    output: str | Path,
+    spath: Path,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: FinetuneConfig,
+    header: dict[str, Any],
+    epochs_done: int,
+    losses: list[float],
+) -> None:
+    record = {**asdict(config), "epochs_done": epochs_done, "losses": losses}
+    state = {
+        "format": _FORMAT,
+        "config": asdict(config),
+        "epoch": epochs_done,
+        "losses": losses,
+        "model": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    # The state first: an AnaNN without its state could not be resumed, a stale state file
+    # next to a complete AnaNN is only one epoch behind.
+    write_atomic(spath, lambda tmp: torch.save(state, tmp))
+    # The saved AnaNN has canonical AKPs (SPEC §2); the training copy keeps its raw values so
+    # that the optimiser's moments still match them when resuming.
+    saved = copy.deepcopy(student).cpu()
+    for acl in acl_layers(saved).values():
+        acl.canonicalize_()
+    new_header = {k: v for k, v in header.items() if k not in ("format", "format_version")}
+    new_header["finetune"] = record
+    save_anann(output, saved.state_dict(), new_header)
+
+
+def _restore(
+    spath: Path, student: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig
+) -> tuple[int, list[float]]:
+    if not spath.is_file():
+        raise UserError(
+            f"cannot resume: no training state {spath} (it is written after each epoch); "
+            "run without --resume to start"
+        )
+    try:
+        state = torch.load(spath, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: the same advice
+        raise UserError(
+            f"cannot resume: {spath} is unreadable ({type(exc).__name__}); run without --resume"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise UserError(f"cannot resume: {spath} is not an acl-convert training state")
+    saved = state["config"]
+    for key in ("objective", "train", "batch_size", "seed"):
+        if _plain(saved[key]) != _plain(getattr(config, key)):
+            raise UsageError(
+                f"cannot resume: the run was started with {key}={saved[key]}, now "
+                f"{getattr(config, key)}; use the same settings or start anew"
+            )
+    student.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), [float(v) for v in state["losses"]]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value

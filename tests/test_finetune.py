@@ -1,0 +1,280 @@
+"""Fine-tuning (issue 5): distillation lowers its loss and moves the AKPs, only the chosen groups
+learn, resume continues exactly, and a fine-tuned AnaNN loads, bakes and exports like a
+converted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+from torchvision import transforms as T
+
+from acl_convert import ACL, load_anann
+from acl_convert.anann import read_anann
+from acl_convert.errors import UsageError, UserError
+from acl_convert.finetune import (
+    FinetuneConfig,
+    acl_layers,
+    finetune,
+    param_groups,
+    state_path,
+)
+from acl_convert.images import load_image
+
+# Small images keep the real SqueezeNet cheap on a CPU; the network accepts any size >= ~64.
+SMALL = T.Compose(
+    [
+        T.Resize(96),
+        T.CenterCrop(96),
+        T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ]
+)
+
+
+def load(paths):
+    return torch.stack([load_image(p, SMALL) for p in paths]), None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, squeezenet_ckpt, copy_images, invoke):
+    """A real SqueezeNet AnaNN (conv1 at tau = 0.5, so many ACKs), its teacher and 8 images."""
+    tmp = tmp_path_factory.mktemp("ft")
+    anann = tmp / "sq.anann.safetensors"
+    args = [squeezenet_ckpt, "-l", "features.0", "-t", "0.5", "-o", anann]
+    result = invoke(*args, "--report", tmp / "sq.json", "-q")
+    assert result.exit_code == 0, result.stderr
+    images = sorted(copy_images(tmp / "imgs", 8).iterdir())
+    teacher = torchvision.models.squeezenet1_0(weights=None).eval()
+    teacher.load_state_dict(torch.load(squeezenet_ckpt, weights_only=True))
+    return {"anann": anann, "images": images, "teacher": teacher, "tmp": tmp}
+
+
+def distill_loss(student, teacher, images) -> float:
+    x, _ = load(images)
+    student.eval()  # SqueezeNet's classifier has dropout
+    with torch.no_grad():
+        zs, zt = student(x), teacher(x)
+    return float(
+        torch.nn.functional.kl_div(
+            zs.log_softmax(1), zt.log_softmax(1), log_target=True, reduction="batchmean"
+        )
+    )
+
+
+def layer_error(student, teacher, images) -> float:
+    """Relative squared error of conv1's output, fed the same input in both networks."""
+    x, _ = load(images)
+    with torch.no_grad():
+        got = student.features[0](x)
+        want = teacher.features[0](x)
+    return float((got - want).square().sum() / want.square().sum())
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("objective", ["logits", "layers"])
+def test_distillation_lowers_the_loss_and_moves_only_the_akps(setup, tmp_path, objective):
+    student = load_anann(setup["anann"])
+    before = snapshot(student)
+    measure = distill_loss if objective == "logits" else layer_error
+    loss0 = measure(student, setup["teacher"], setup["images"])
+    config = FinetuneConfig(objective=objective, train=("akp",), epochs=3, batch_size=4)
+    out = tmp_path / "ft.anann.safetensors"
+    losses = finetune(
+        student,
+        setup["images"],
+        load,
+        config,
+        output=out,
+        header=read_anann(setup["anann"]).header,
+        teacher=setup["teacher"],
+    )
+    assert len(losses) == 3
+    assert loss0 > 0
+    assert measure(student, setup["teacher"], setup["images"]) < 0.97 * loss0
+    after = snapshot(student)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".akp." in k for k in moved), moved
+    # Only AKPs, gains and offsets of the ACL may change; plain kernels, biases, the rest: not.
+    assert all(
+        k.startswith("features.0.") and k.split(".")[2] in ("akp", "gain", "offset") for k in moved
+    ), moved
+
+
+def test_param_groups_split_and_freeze():
+    net = nn.Sequential(
+        ACL.from_pattern(3, 4, 3, "G4Lg4P4", gain=True, offset=True), nn.ReLU(), nn.Conv2d(4, 2, 1)
+    )
+    groups = param_groups(net, FinetuneConfig(train=("akp", "rest")))
+    names = {g["name"]: g for g in groups}
+    assert set(names) == {"akp", "rest"}
+    assert names["akp"]["lr"] == 1e-3 and names["rest"]["lr"] == 1e-5
+    # akp: AKPs + gains + offsets of G and Lg = 6 tensors; rest: ACL bias + conv weight + bias.
+    assert len(names["akp"]["params"]) == 6
+    assert len(names["rest"]["params"]) == 3
+    assert net[0].plain.requires_grad is False
+    assert all(p.requires_grad for p in names["akp"]["params"] + names["rest"]["params"])
+
+
+def test_param_groups_need_acls():
+    with pytest.raises(UserError, match="no ACL layers"):
+        param_groups(nn.Conv2d(3, 4, 3), FinetuneConfig())
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"objective": "mse"}, "objective must be one of"),
+        ({"train": ("akp", "bn")}, "subset of akp, plain, rest"),
+        ({"train": ()}, "subset of"),
+        ({"objective": "layers", "train": ("rest",)}, "trains only the ACLs"),
+        ({"lr": {"akp": -1.0}}, "learning rate of akp"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_settings(changes, needle):
+    with pytest.raises(UsageError, match=needle):
+        FinetuneConfig(**changes).check()
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    header = read_anann(setup["anann"]).header
+    config = FinetuneConfig(objective="layers", train=("akp", "plain"), batch_size=4)
+    kwargs = {"header": header, "teacher": setup["teacher"]}
+
+    straight = load_anann(setup["anann"])
+    both = finetune(
+        straight,
+        setup["images"],
+        load,
+        FinetuneConfig(**{**config.__dict__, "epochs": 2}),
+        output=tmp_path / "a.anann.safetensors",
+        **kwargs,
+    )
+
+    out = tmp_path / "b.anann.safetensors"
+    first = finetune(
+        load_anann(setup["anann"]), setup["images"], load, config, output=out, **kwargs
+    )
+    assert state_path(out).is_file()
+    assert first == pytest.approx(both[:1])
+    resumed = load_anann(setup["anann"])  # fresh weights: resume must bring back epoch 1's
+    again = finetune(
+        resumed,
+        setup["images"],
+        load,
+        FinetuneConfig(**{**config.__dict__, "epochs": 2}),
+        output=out,
+        resume=True,
+        **kwargs,
+    )
+    assert again == pytest.approx(both, rel=1e-5)
+    for k, v in snapshot(straight).items():
+        torch.testing.assert_close(snapshot(resumed)[k], v, rtol=1e-5, atol=1e-6)
+    assert read_anann(out).header["finetune"]["epochs_done"] == 2
+
+
+def test_resume_without_state_and_with_other_settings(setup, tmp_path):
+    header = read_anann(setup["anann"]).header
+    out = tmp_path / "c.anann.safetensors"
+    config = FinetuneConfig(objective="layers", batch_size=8)
+    with pytest.raises(UserError, match="no training state"):
+        finetune(
+            load_anann(setup["anann"]),
+            setup["images"][:2],
+            load,
+            config,
+            output=out,
+            header=header,
+            teacher=setup["teacher"],
+            resume=True,
+        )
+    finetune(
+        load_anann(setup["anann"]),
+        setup["images"][:2],
+        load,
+        config,
+        output=out,
+        header=header,
+        teacher=setup["teacher"],
+    )
+    other = FinetuneConfig(objective="layers", batch_size=4, epochs=2)
+    with pytest.raises(UsageError, match="batch_size"):
+        finetune(
+            load_anann(setup["anann"]),
+            setup["images"][:2],
+            load,
+            other,
+            output=out,
+            header=header,
+            teacher=setup["teacher"],
+            resume=True,
+        )
+
+
+def test_distillation_needs_a_teacher_and_labels_need_labels(setup, tmp_path):
+    header = read_anann(setup["anann"]).header
+    out = tmp_path / "d.anann.safetensors"
+    with pytest.raises(UsageError, match="teacher"):
+        finetune(
+            load_anann(setup["anann"]),
+            setup["images"],
+            load,
+            FinetuneConfig(),
+            output=out,
+            header=header,
+        )
+    with pytest.raises(UserError, match="labelled images"):
+        finetune(
+            load_anann(setup["anann"]),
+            setup["images"][:2],
+            load,
+            FinetuneConfig(objective="labels"),
+            output=out,
+            header=header,
+        )
+    assert not out.exists()
+
+
+def test_finetuned_anann_loads_bakes_and_exports(setup, tmp_path, invoke):
+    header = read_anann(setup["anann"]).header
+    out = tmp_path / "e.anann.safetensors"
+    student = load_anann(setup["anann"])
+    finetune(
+        student,
+        setup["images"][:4],
+        load,
+        FinetuneConfig(objective="layers", train=("akp", "plain"), lr={"akp": 0.05, "plain": 1e-3}),
+        output=out,
+        header=header,
+        teacher=setup["teacher"],
+    )
+    loaded = load_anann(out).eval()
+    x, _ = load(setup["images"][:2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), student.eval()(x), rtol=1e-4, atol=1e-4)
+    # Saved AKPs are canonical: theta in [0, pi) for every family that has one.
+    for acl in acl_layers(loaded).values():
+        for code in acl.codes_present():
+            if code in ("G", "Tf", "Ts"):
+                theta = acl.akps(code)[:, 1 if code == "G" else 0]
+                assert ((theta >= 0) & (theta < torch.pi)).all()
+
+    baked = tmp_path / "e.baked.safetensors"
+    assert invoke("bake", out, "-o", baked, "-q").exit_code == 0
+    net = torchvision.models.squeezenet1_0(weights=None).eval()
+    net.load_state_dict(load_file(baked), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), loaded(x), rtol=1e-4, atol=1e-4)
+
+    result = invoke("export", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert len(table["layers"][0]["kernels"]) == 288
