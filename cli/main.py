@@ -48,7 +48,8 @@ app = typer.Typer(
     name="acl-convert",
     help="Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs).\n\n"
     "Run `acl-convert CHECKPOINT --layers NAME` to convert (the `convert` command is implied); "
-    "`acl-convert layers CHECKPOINT` lists what can be converted.",
+    "`acl-convert layers CHECKPOINT` lists what can be converted; "
+    "`acl-convert evaluate MODEL --data DIR` measures accuracy on labelled images.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
@@ -119,8 +120,9 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
-def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool):
-    """Checkpoint, architecture name (given or detected) and its model (or None)."""
+def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool, required: bool = False):
+    """Checkpoint, architecture name (given or detected) and its model (or None; with
+    ``required`` an unknown architecture is an error)."""
     from acl_convert.arch import build_model, check_fits, detect_arch
     from acl_convert.checkpoint import load_checkpoint
 
@@ -134,6 +136,11 @@ def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool):
         if arch:
             model = build_model(arch)
             _note(quiet, f"architecture detected: {arch}")
+        elif required:
+            raise UsageError(
+                f"the architecture of {path} is not recognised among torchvision's models; "
+                "pass --arch NAME"
+            )
         else:
             _note(
                 quiet,
@@ -146,6 +153,18 @@ def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool):
 def _note(quiet: bool, text: str) -> None:
     if not quiet:
         err.print(escape(text), highlight=False)
+
+
+def _device(device: str):
+    """The torch device ``--device`` names (auto: the GPU when there is one)."""
+    from acl_convert.fit import resolve_device
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    try:
+        return resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
 
 
 def _default_output(checkpoint: Path, suffix: str) -> Path:
@@ -228,7 +247,6 @@ def convert(
     from acl_convert.convert import DEFAULT_THRESHOLD, Settings
     from acl_convert.convert import convert as run_convert
     from acl_convert.files import atomic_path, check_writable
-    from acl_convert.fit import resolve_device
     from acl_convert.layers import conv_layers, select_layers
     from acl_convert.report import build_report, print_report
 
@@ -240,12 +258,7 @@ def convert(
         device=device,
         seed=seed,
     )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    try:
-        resolve_device(device)
-    except (ValueError, RuntimeError) as exc:
-        raise UserError(str(exc)) from None
+    dev = _device(device)
     output = output or _default_output(checkpoint, ".anann.safetensors")
     report_path = report or output.with_name(
         output.name.replace(".anann.safetensors", "").removesuffix(".safetensors") + ".report.json"
@@ -284,7 +297,7 @@ def convert(
     _note(
         quiet,
         f"fitting {n_kernels:,} kernels of {len(chosen)} layer(s) to "
-        f"{len(settings.families)} families on {resolve_device(device)}",
+        f"{len(settings.families)} families on {dev}",
     )
     with _progress(quiet) as bar:
         tasks: dict[str, int] = {}
@@ -529,6 +542,153 @@ def info(
         f"{sum(eligible(c) for c in convs)} can be converted "
         "(see `acl-convert layers` for the list)"
     )
+
+
+@app.command("evaluate")
+@_user_errors
+def evaluate_cmd(
+    model: Path = typer.Argument(
+        ...,
+        help="Network to evaluate: an AnaNN (.anann.safetensors) or a plain checkpoint.",
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Folder of labelled images: one subfolder per class, a labels.csv, or ImageNet "
+        "file names (n01440764_*.JPEG) with a classes TSV. See docs/evaluate.md.",
+    ),
+    labels: Path = typer.Option(
+        None,
+        "--labels",
+        help="CSV with the columns file,index (file relative to --data) "
+        "\\[default: DIR/labels.csv when present].",
+    ),
+    classes: Path = typer.Option(
+        None,
+        "--classes",
+        help="TSV with the columns index, wnid, torchvision_name: the class index of each "
+        "ImageNet wnid \\[default: imagenet_classes.tsv in DIR or its parent].",
+    ),
+    arch: str = typer.Option(
+        None,
+        "--arch",
+        help="torchvision architecture name (e.g. resnet50). Default: recorded in the AnaNN, "
+        "or detected from the checkpoint.",
+    ),
+    compare: Path = typer.Option(
+        None,
+        "--compare",
+        help="Reference network of the same architecture (plain checkpoint or AnaNN), e.g. the "
+        "original: adds its accuracy, the top-1 agreement and the logits' relative error.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, not a table."),
+    limit: int = typer.Option(
+        None, "--limit", help="Evaluate only the first N images (in sorted path order)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = QuietOpt,
+    trust_pickle: bool = TrustOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Measure the top-1 and top-5 accuracy of MODEL on a folder of labelled images."""
+    from acl_convert.data import labelled_images
+    from acl_convert.evaluate import evaluate, num_outputs
+    from acl_convert.images import load_image, preprocessing
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}; leave it out for all images")
+    dev = _device(device)
+    # The data first: a wrong folder is found before a large model is loaded.
+    dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
+    network, arch = _load_network(model, arch, trust_pickle, quiet)
+    reference = None
+    if compare is not None:
+        reference, _ = _load_network(compare, arch, trust_pickle, quiet)
+    transform = preprocessing(arch)
+    example = load_image(dataset.samples[0].path, transform)
+    classes_out = num_outputs(network.to(dev), example)
+    if reference is not None:
+        ref_out = num_outputs(reference.to(dev), example)
+        if ref_out != classes_out:
+            raise UsageError(
+                f"{compare} scores {ref_out} classes but {model} scores {classes_out}; "
+                "compare with the network MODEL was converted from"
+            )
+    dataset.check_labels(classes_out)
+    _note(quiet, f"evaluating {len(dataset)} images of {data} ({dataset.layout}) on {dev}")
+    with _progress(quiet) as bar:
+        task = bar.add_task("images", total=len(dataset))
+        result = evaluate(
+            network,
+            dataset.batches(transform, batch_size),
+            reference=reference,
+            progress=lambda n: bar.advance(task, n),
+        )
+    if as_json:
+        doc = {
+            "model": str(model),
+            "arch": arch,
+            "data": str(data),
+            "layout": dataset.layout,
+            **result,
+        }
+        if compare is not None:
+            doc["reference"] = {"model": str(compare), **result["reference"]}
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    _print_evaluation(result, model, compare, f"{data.name}, {dataset.layout}")
+
+
+def _load_network(path: Path, arch: str | None, trust_pickle: bool, quiet: bool):
+    """The network stored in ``path`` (an AnaNN or a plain checkpoint) with its weights, and its
+    architecture: ``arch`` when given, else recorded in the AnaNN or detected."""
+    from acl_convert.anann import is_anann, load_anann, read_anann
+    from acl_convert.arch import build_model
+
+    if is_anann(path):
+        if not arch:
+            arch = read_anann(path).header.get("arch")
+            if not arch:
+                raise UsageError(f"{path} records no architecture; pass --arch NAME")
+            _note(quiet, f"architecture recorded in the AnaNN: {arch}")
+        return load_anann(path, model=build_model(arch)), arch
+    ckpt, arch, model = _load(path, trust_pickle, arch, quiet, required=True)
+    # check_fits / detect_arch matched every key and shape already; strict=False only forgives
+    # the num_batches_tracked counters that checkpoints older than PyTorch 0.4.1 lack.
+    model.load_state_dict(ckpt.state_dict, strict=False)
+    return model, arch
+
+
+def _print_evaluation(result: dict, model_path: Path, compare: Path | None, data: str) -> None:
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f} %"
+
+    table = Table(
+        title=f"accuracy on {result['images']} images of {escape(data)}", title_justify="left"
+    )
+    columns = ["model", "images", "top-1", "top-5"]
+    if compare is not None:
+        columns += ["top-1 agreement", "logits rel. error"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    row = [escape(model_path.name), str(result["images"]), pct(result["top1"]), pct(result["top5"])]
+    if compare is not None:
+        ref = result["reference"]
+        table.add_row(*row, pct(result["agreement"]), f"{result['logits_rel_error']:.3g}")
+        table.add_row(
+            escape(f"{compare.name} (reference)"),
+            str(result["images"]),
+            pct(ref["top1"]),
+            pct(ref["top5"]),
+            "",
+            "",
+        )
+    else:
+        table.add_row(*row)
+    out.print(table)
 
 
 def run() -> None:

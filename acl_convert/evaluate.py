@@ -1,0 +1,84 @@
+"""Accuracy of a classifier on labelled images, optionally side by side with a reference model
+(the original network an AnaNN was converted from)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["evaluate", "num_outputs"]
+
+
+@torch.no_grad()
+def num_outputs(model: nn.Module, example: Tensor) -> int:
+    """How many classes ``model`` scores: the width of its logits for one ``example`` image
+    ``(3, H, W)``. Asking the model itself works for any head (Linear, 1x1 conv, ...)."""
+    model.eval()
+    return int(model(example[None].to(_device(model))).shape[-1])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    reference: nn.Module | None = None,
+    topk: Sequence[int] = (1, 5),
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Top-k accuracy of ``model`` and, with a ``reference``, how closely the two agree.
+
+    Both models are put in eval mode; each batch is moved to the model's device.
+
+    Args:
+        model: a classifier returning logits ``(B, C)``.
+        batches: ``(images (B, 3, H, W), labels (B,) int64)`` pairs, labels in ``0 .. C-1``.
+        reference: a second classifier with the same ``C`` outputs, run on the same images.
+        topk: the ``k`` of the accuracies to report (clipped to ``C``).
+        progress: called with the number of images of each finished batch.
+
+    Returns:
+        ``images``: how many; ``top{k}`` per ``k``: fraction (0..1) of images whose label is among
+        the model's ``k`` highest logits. With a reference also ``reference``: its own
+        ``top{k}``; ``agreement``: fraction of images where both models' top-1 classes agree;
+        ``logits_rel_error``: ``||z - z_ref|| / ||z_ref||`` over all logits (0 when
+        ``z_ref`` is all zero).
+    """
+    models = {"model": model} if reference is None else {"model": model, "reference": reference}
+    for m in models.values():
+        m.eval()
+    correct = {name: dict.fromkeys(topk, 0) for name in models}
+    images = agree = 0
+    # Sums of squares in float64, so the relative error needs no logits kept across batches.
+    err2 = ref2 = 0.0
+    for x, labels in batches:
+        logits = {name: m(x.to(_device(m))).cpu() for name, m in models.items()}
+        for name, z in logits.items():
+            for k in topk:
+                hits = z.topk(min(k, z.shape[1]), dim=1).indices == labels[:, None]
+                correct[name][k] += int(hits.any(dim=1).sum())
+        if reference is not None:
+            z, zr = logits["model"].double(), logits["reference"].double()
+            agree += int((z.argmax(1) == zr.argmax(1)).sum())
+            err2 += float((z - zr).square().sum())
+            ref2 += float(zr.square().sum())
+        images += len(labels)
+        if progress is not None:
+            progress(len(labels))
+    if images == 0:
+        raise ValueError("no images to evaluate: the batches were empty")
+    result: dict[str, Any] = {"images": images}
+    result.update({f"top{k}": n / images for k, n in correct["model"].items()})
+    if reference is not None:
+        result["reference"] = {f"top{k}": n / images for k, n in correct["reference"].items()}
+        result["agreement"] = agree / images
+        result["logits_rel_error"] = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
+    return result
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
