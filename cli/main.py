@@ -49,7 +49,8 @@ app = typer.Typer(
     help="Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs).\n\n"
     "Run `acl-convert CHECKPOINT --layers NAME` to convert (the `convert` command is implied); "
     "`acl-convert layers CHECKPOINT` lists what can be converted; "
-    "`acl-convert evaluate MODEL --data DIR` measures accuracy on labelled images.",
+    "`acl-convert evaluate MODEL --data DIR` measures accuracy on labelled images; "
+    "`acl-convert finetune ANANN --data DIR --teacher ORIGINAL` distils it back.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
@@ -689,6 +690,158 @@ def _print_evaluation(result: dict, model_path: Path, compare: Path | None, data
     else:
         table.add_row(*row)
     out.print(table)
+
+
+@app.command("finetune")
+@_user_errors
+def finetune_cmd(
+    anann: Path = typer.Argument(..., metavar="ANANN", help="The AnaNN to fine-tune."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Folder of training images. Distillation (--teacher) needs no labels; "
+        "--objective labels reads them as `evaluate` does (see docs/evaluate.md).",
+    ),
+    teacher: Path = typer.Option(
+        None,
+        "--teacher",
+        help="The original network (plain checkpoint or AnaNN) to distil from.",
+    ),
+    objective: str = typer.Option(
+        "logits",
+        "--objective",
+        help="logits: match the teacher's class distribution; layers: match each converted "
+        "layer's original output (cheaper, trains only the ACLs); labels: cross-entropy.",
+    ),
+    train: str = typer.Option(
+        "akp",
+        "--train",
+        help="Parameters that learn, comma-separated: akp (AKPs, gains, offsets), plain "
+        "(plain kernels of the ACLs), rest (all other layers).",
+    ),
+    lr_akp: float = typer.Option(1e-3, "--lr-akp", help="Adam learning rate of the AKPs."),
+    lr_plain: float = typer.Option(1e-4, "--lr-plain", help="... of the plain kernels."),
+    lr_rest: float = typer.Option(1e-5, "--lr-rest", help="... of the rest of the network."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the images."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per step."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softening of 'logits'."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N images."),
+    labels: Path = typer.Option(None, "--labels", help="Labels CSV for --objective labels."),
+    classes: Path = typer.Option(None, "--classes", help="Classes TSV for --objective labels."),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Fine-tuned AnaNN, written after every epoch "
+        "\\[default: ./<stem>.ft.anann.safetensors].",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from OUTPUT's training state."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image order."),
+    arch: str = ArchOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    trust_pickle: bool = TrustOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Fine-tune an AnaNN: distil from the original network, or train on labels."""
+    import torch
+
+    from acl_convert.anann import read_anann
+    from acl_convert.files import check_writable
+    from acl_convert.finetune import FinetuneConfig, finetune, state_path
+    from acl_convert.images import list_images, load_image, preprocessing
+
+    config = FinetuneConfig(
+        objective=objective,
+        train=tuple(_split(train)),
+        lr={"akp": lr_akp, "plain": lr_plain, "rest": lr_rest},
+        epochs=epochs,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+    )
+    config.check()
+    if objective != "labels" and teacher is None:
+        raise UsageError(
+            f"--objective {objective} distils from the original network; give --teacher "
+            "ORIGINAL, or use --objective labels with labelled images"
+        )
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}; leave it out for all images")
+    dev = _device(device)
+    output = output or _default_output(anann, ".ft.anann.safetensors")
+    if resume:
+        if not state_path(output).is_file():
+            raise UserError(
+                f"cannot resume: no training state {state_path(output)} (it is written after "
+                "each epoch); run without --resume to start"
+            )
+    else:
+        check_writable(output, force=force)
+        check_writable(state_path(output), force=force)
+    header = read_anann(anann).header
+    student, arch = _load_network(anann, arch, trust_pickle, quiet)
+    transform = preprocessing(arch)
+    if objective == "labels":
+        from acl_convert.data import labelled_images
+        from acl_convert.evaluate import num_outputs
+
+        dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
+        dataset.check_labels(num_outputs(student, load_image(dataset.samples[0].path, transform)))
+        samples = [(s.path, s.label) for s in dataset.samples]
+
+        def load(items):
+            x = torch.stack([load_image(p, transform) for p, _ in items])
+            return x, torch.tensor([y for _, y in items], dtype=torch.int64)
+
+    else:
+        samples = list_images(data, limit=limit)
+
+        def load(items):
+            return torch.stack([load_image(p, transform) for p in items]), None
+
+    teacher_net = None
+    if teacher is not None:
+        teacher_net, _ = _load_network(teacher, arch, trust_pickle, quiet)
+    _note(
+        quiet,
+        f"fine-tuning {','.join(config.train)} of {anann.name} on {len(samples)} images "
+        f"({objective}) for {epochs} epoch(s) on {dev}",
+    )
+    with _progress(quiet) as bar:
+        tasks: dict[int, int] = {}
+
+        def on_step(epoch: int, seen: int, loss: float) -> None:
+            if epoch not in tasks:
+                tasks[epoch] = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=len(samples))
+            bar.update(
+                tasks[epoch],
+                completed=seen,
+                description=f"epoch {epoch + 1}/{epochs} loss {loss:.4g}",
+            )
+
+        losses = finetune(
+            student,
+            samples,
+            load,
+            config,
+            output=output,
+            header=header,
+            teacher=teacher_net,
+            resume=resume,
+            device=dev,
+            progress=on_step,
+        )
+    table = Table(title=f"fine-tuning {anann.name} ({objective})", title_justify="left")
+    table.add_column("epoch", justify="right")
+    table.add_column("mean loss", justify="right")
+    for k, value in enumerate(losses, 1):
+        table.add_row(str(k), f"{value:.5g}")
+    out.print(table)
+    _note(quiet, f"wrote {output} and {state_path(output)}")
 
 
 def run() -> None:

@@ -95,7 +95,9 @@ def test_version(invoke):
     assert result.stdout.strip() == f"acl-convert {acl_convert.__version__}"
 
 
-@pytest.mark.parametrize("command", [None, "convert", "layers", "bake", "export", "info"])
+@pytest.mark.parametrize(
+    "command", [None, "convert", "layers", "bake", "export", "info", "evaluate", "finetune"]
+)
 def test_help(invoke, command):
     result = invoke(*([command] if command else []), "--help")
     assert result.exit_code == 0, result.stdout + result.stderr

@@ -278,3 +278,91 @@ def test_finetuned_anann_loads_bakes_and_exports(setup, tmp_path, invoke):
     assert result.exit_code == 0, result.stderr
     table = json.loads(result.stdout)
     assert len(table["layers"][0]["kernels"]) == 288
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def assert_error(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0].lower(), (needle, lines[0])
+
+
+@pytest.fixture
+def cli_setup(setup, tmp_path, monkeypatch, squeezenet_ckpt):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for p in setup["images"][:3]:
+        (data / p.name).write_bytes(p.read_bytes())
+    return {"anann": setup["anann"], "data": data, "teacher": squeezenet_ckpt, "tmp": tmp_path}
+
+
+def test_cli_distils_writes_and_resumes(cli_setup, invoke):
+    s = cli_setup
+    args = ["finetune", s["anann"], "--data", s["data"], "--teacher", s["teacher"]]
+    result = invoke(*args, "--batch-size", "2", "-q")
+    assert result.exit_code == 0, result.stderr
+    out = s["tmp"] / "sq.ft.anann.safetensors"
+    assert out.is_file() and state_path(out).is_file()
+    assert "mean loss" in result.stdout and result.stderr == ""
+    record = read_anann(out).header["finetune"]
+    assert record["epochs_done"] == 1 and record["objective"] == "logits"
+    assert record["train"] == ["akp"] and len(record["losses"]) == 1
+
+    again = invoke(*args, "--batch-size", "2", "--epochs", "2", "--resume", "-q")
+    assert again.exit_code == 0, again.stderr
+    record2 = read_anann(out).header["finetune"]
+    assert record2["epochs_done"] == 2
+    assert record2["losses"][0] == pytest.approx(record["losses"][0])
+    assert load_anann(out) is not None
+
+
+def test_cli_labels_objective(cli_setup, invoke):
+    s = cli_setup
+    (s["data"] / "labels.csv").write_text(
+        "file,index\n"
+        + "".join(f"{p.name},{k}\n" for k, p in enumerate(sorted(s["data"].glob("*.JPEG"))))
+    )
+    result = invoke(
+        "finetune",
+        s["anann"],
+        "--data",
+        s["data"],
+        "--objective",
+        "labels",
+        "-o",
+        "l.anann.safetensors",
+        "-q",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert read_anann(s["tmp"] / "l.anann.safetensors").header["finetune"]["objective"] == "labels"
+
+
+def test_cli_bad_input(cli_setup, invoke, files_in):
+    s = cli_setup
+    base = ["finetune", s["anann"], "--data", s["data"], "-q"]
+    before = files_in(s["tmp"])
+    assert_error(invoke(*base), 2, "--teacher")
+    assert_error(
+        invoke(*base, "--teacher", s["teacher"], "--train", "akp,bn"), 2, "akp, plain, rest"
+    )
+    assert_error(invoke(*base, "--teacher", s["teacher"], "--resume"), 1, "no training state")
+    assert_error(invoke(*base, "--teacher", s["teacher"], "--lr-akp", "0"), 2, "learning rate")
+    empty = s["tmp"] / "empty"
+    empty.mkdir()
+    before.add("empty")
+    assert_error(
+        invoke("finetune", s["anann"], "--data", empty, "--teacher", s["teacher"], "-q"),
+        1,
+        "no images",
+    )
+    (s["tmp"] / "sq.ft.anann.safetensors").write_text("keep")
+    before.add("sq.ft.anann.safetensors")
+    assert_error(invoke(*base, "--teacher", s["teacher"]), 2, "already exists", "--force")
+    assert files_in(s["tmp"]) == before
+    assert (s["tmp"] / "sq.ft.anann.safetensors").read_text() == "keep"
