@@ -64,9 +64,9 @@ class FinetuneConfig:
     Attributes:
         objective: one of :data:`OBJECTIVES`.
         train: the parameter groups that learn, a subset of :data:`GROUPS`.
-        lr: learning rate per group (Adam); AKPs live in unconstrained units (log-scales and
-            radians), where Adam at 1e-3 moves a scale by about 0.1 % per step; 1e-2 diverges
-            on SqueezeNet conv1.
+        lr: relative learning rate per group (Adam, see :func:`param_groups`): about the
+            fraction by which one step changes a value; AKPs (log-scales, radians) at 1e-3
+            move a scale by about 0.1 % per step.
         epochs: passes over the data.
         batch_size: images per step.
         temperature: softening of the ``logits`` objective.
@@ -75,7 +75,7 @@ class FinetuneConfig:
 
     objective: str = "logits"
     train: tuple[str, ...] = ("akp",)
-    lr: dict[str, float] = field(default_factory=lambda: {"akp": 1e-3, "plain": 1e-4, "rest": 1e-5})
+    lr: dict[str, float] = field(default_factory=lambda: {"akp": 1e-3, "plain": 1e-3, "rest": 1e-4})
     epochs: int = 1
     batch_size: int = 32
     temperature: float = 1.0
@@ -125,27 +125,50 @@ def _group_of(name: str, acls: Sequence[str]) -> str:
 
 
 def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
-    """Optimiser groups for ``model``: one per trained group of :data:`GROUPS` with its learning
-    rate; parameters of the other groups are frozen. Each group dict has ``name``, ``params``
-    and ``lr``."""
-    acls = list(acl_layers(model))
-    if not acls:
+    """Optimiser groups for ``model``: one per trained parameter tensor, parameters of the groups
+    not trained are frozen. Each group dict has ``name`` (of :data:`GROUPS`), ``param`` (its
+    state-dict name), ``params`` and ``lr``.
+
+    Learning rates are relative. Adam moves every value by about ``lr`` per step whatever its
+    size, so a tensor's ``lr`` is the group's rate times the tensor's RMS (for gains and
+    offsets: the RMS of the layer's kernels), and a step changes a kernel by about ``lr`` of its
+    typical size. (With absolute rates, five distillation steps cost MobileNetV2, whose
+    depthwise kernels are ~0.01 in size, 15 top-1 points.) AKPs are log-scales and radians:
+    they take the rate as it is.
+    """
+    layers = acl_layers(model)
+    if not layers:
         raise UserError("the model has no ACL layers; fine-tune an AnaNN made by acl-convert")
-    by_group: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
+    acls = list(layers)
+    # Gains and offsets move on the scale of the layer's kernels, not their own: a near-flat
+    # Gabor pairs a huge gain with a huge offset of opposite sign, and a 0.1 % step of either
+    # changes its kernel by far more than 0.1 %.
+    kernel_rms = {name: _rms(acl.synthesize().detach()) for name, acl in layers.items()}
+    groups = []
     for name, p in model.named_parameters():
         group = _group_of(name, acls)
         p.requires_grad_(group in config.train)
-        by_group[group].append(p)
-    groups = [
-        {"name": g, "params": by_group[g], "lr": config.lr[g]}
-        for g in GROUPS
-        if g in config.train and by_group[g]
-    ]
+        if group not in config.train:
+            continue
+        if group == "akp" and ".akp." in f".{name}":
+            scale = 1.0
+        elif group == "akp":  # a gain or an offset of layer <head>
+            head = f".{name}".rpartition(".gain." if ".gain." in f".{name}" else ".offset.")[0]
+            scale = kernel_rms[head[1:]]
+        else:
+            scale = _rms(p.detach())
+        # An all-zero tensor (a fresh bias) gets the group's rate as it is.
+        scale = scale if scale > 0 else 1.0
+        groups.append({"name": group, "param": name, "params": [p], "lr": config.lr[group] * scale})
     if not groups:
         raise UserError(
             f"nothing to train: the model has no parameters in {', '.join(config.train)}"
         )
     return groups
+
+
+def _rms(t: Tensor) -> float:
+    return float(t.double().square().mean().sqrt()) if t.numel() else 0.0
 
 
 def state_path(anann_path: str | Path) -> Path:

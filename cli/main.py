@@ -719,9 +719,14 @@ def finetune_cmd(
         help="Parameters that learn, comma-separated: akp (AKPs, gains, offsets), plain "
         "(plain kernels of the ACLs), rest (all other layers).",
     ),
-    lr_akp: float = typer.Option(1e-3, "--lr-akp", help="Adam learning rate of the AKPs."),
-    lr_plain: float = typer.Option(1e-4, "--lr-plain", help="... of the plain kernels."),
-    lr_rest: float = typer.Option(1e-5, "--lr-rest", help="... of the rest of the network."),
+    lr_akp: float = typer.Option(
+        1e-3,
+        "--lr-akp",
+        help="Adam learning rate of the AKPs (log-scales, radians), gains and offsets; relative: "
+        "about the fraction a step changes a value by.",
+    ),
+    lr_plain: float = typer.Option(1e-3, "--lr-plain", help="... of the plain kernels."),
+    lr_rest: float = typer.Option(1e-4, "--lr-rest", help="... of the rest of the network."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the images."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per step."),
     temperature: float = typer.Option(1.0, "--temperature", help="Softening of 'logits'."),

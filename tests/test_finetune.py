@@ -108,19 +108,38 @@ def test_distillation_lowers_the_loss_and_moves_only_the_akps(setup, tmp_path, o
     ), moved
 
 
-def test_param_groups_split_and_freeze():
+def test_param_groups_split_freeze_and_scale():
     net = nn.Sequential(
         ACL.from_pattern(3, 4, 3, "G4Lg4P4", gain=True, offset=True), nn.ReLU(), nn.Conv2d(4, 2, 1)
     )
+    with torch.no_grad():
+        net[0].gain["G"].fill_(20.0)
+        net[2].weight.fill_(-0.01)
+        kernel_rms = float(net[0].synthesize().square().mean().sqrt())
     groups = param_groups(net, FinetuneConfig(train=("akp", "rest")))
-    names = {g["name"]: g for g in groups}
-    assert set(names) == {"akp", "rest"}
-    assert names["akp"]["lr"] == 1e-3 and names["rest"]["lr"] == 1e-5
-    # akp: AKPs + gains + offsets of G and Lg = 6 tensors; rest: ACL bias + conv weight + bias.
-    assert len(names["akp"]["params"]) == 6
-    assert len(names["rest"]["params"]) == 3
+    by_param = {g["param"]: g for g in groups}
+    # akp: AKPs + gains + offsets of G and Lg; rest: ACL bias + conv weight + bias.
+    assert {g["name"] for g in groups} == {"akp", "rest"}
+    assert sorted(k for k, g in by_param.items() if g["name"] == "akp") == [
+        "0.akp.G",
+        "0.akp.Lg",
+        "0.gain.G",
+        "0.gain.Lg",
+        "0.offset.G",
+        "0.offset.Lg",
+    ]
+    assert sorted(k for k, g in by_param.items() if g["name"] == "rest") == [
+        "0.bias",
+        "2.bias",
+        "2.weight",
+    ]
+    assert by_param["0.akp.G"]["lr"] == 1e-3  # AKPs: log-scales and radians, as they are
+    # Gains and offsets move on the scale of the layer's kernels, other tensors on their own.
+    assert by_param["0.gain.G"]["lr"] == pytest.approx(kernel_rms * 1e-3)
+    assert by_param["0.offset.Lg"]["lr"] == pytest.approx(kernel_rms * 1e-3)
+    assert by_param["2.weight"]["lr"] == pytest.approx(0.01 * 1e-4)
     assert net[0].plain.requires_grad is False
-    assert all(p.requires_grad for p in names["akp"]["params"] + names["rest"]["params"])
+    assert all(g["params"][0].requires_grad for g in groups)
 
 
 def test_param_groups_need_acls():
