@@ -720,7 +720,7 @@ def finetune_cmd(
         "(plain kernels of the ACLs), rest (all other layers).",
     ),
     lr_akp: float = typer.Option(
-        1e-3,
+        3e-4,
         "--lr-akp",
         help="Adam learning rate of the AKPs (log-scales, radians), gains and offsets; relative: "
         "about the fraction a step changes a value by.",

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..kernels import KernelFamily
 
-__all__ = ["project", "solve_linear", "refine"]
+__all__ = ["project", "solve_linear", "refine", "with_jacobian"]
 
 _TINY = 1e-20
 #: Central-difference step in unconstrained AKP units (radians, or log-scale for positive AKPs).
@@ -53,7 +53,7 @@ def _evaluate(family: KernelFamily, u: Tensor, h: int, w: int) -> Tensor:
     return family(family.from_unconstrained(u), h, w).flatten(-2)
 
 
-def _with_jacobian(family: KernelFamily, u: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+def with_jacobian(family: KernelFamily, u: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
     """``f(u)`` ``(N, n)`` and ``df/du`` ``(N, n, P)`` by central differences.
 
     All ``2P + 1`` evaluations go through the family in one batched call, which is several times
@@ -105,7 +105,7 @@ def refine(
         if active.numel() == 0:
             break
         ua, wa, ca, lam = u[active], w_t[active], cost[active], damping[active]
-        fa, jac = _with_jacobian(family, ua, h, kw)
+        fa, jac = with_jacobian(family, ua, h, kw)
         fa, jac = project(fa, offset), project(jac.transpose(1, 2), offset).transpose(1, 2)
         gain, _ = solve_linear(wa, fa)
         ff = (fa * fa).sum(-1, keepdim=True).clamp_min(_TINY)
