@@ -41,6 +41,7 @@ __all__ = [
     "build_layer",
     "bake_state_dict",
     "is_anann",
+    "set_submodule",
 ]
 
 FORMAT = "acl-convert/anann"
@@ -230,7 +231,7 @@ def load_anann(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         )
         device = next(iter(conv.parameters())).device
         layer = layer.to_empty(device=device)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     try:
         model.load_state_dict(ana.tensors, strict=True)
     except RuntimeError as exc:
@@ -243,7 +244,8 @@ def load_anann(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at the dotted ``name`` of ``model`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

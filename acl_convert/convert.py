@@ -8,6 +8,7 @@ kernel, and build each layer's :class:`ACL`. Writing files is left to the caller
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 from collections.abc import Callable, Sequence
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import __version__, kernels, pattern
-from .anann import save_anann
+from .anann import save_anann, set_submodule
 from .checkpoint import Checkpoint
-from .errors import UsageError
+from .errors import UsageError, UserError
 from .fit import SELECT_MODES, FitResult, Selection, fit_kernels
 from .layer import ACL
 from .layers import ConvLayer
@@ -146,6 +147,15 @@ class Conversion:
         """Write the AnaNN checkpoint atomically."""
         return save_anann(path, self.tensors(), self.header())
 
+    def patched(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` (the source architecture, loaded or not) with every converted
+        conv replaced by a copy of its ACL; the layers were built with the conv's own
+        hyper-parameters, so they drop in."""
+        out = copy.deepcopy(model)
+        for res in self.layers:
+            set_submodule(out, res.layer.name, copy.deepcopy(res.acl))
+        return out
+
 
 def _listify(value):
     return list(value) if isinstance(value, tuple) else value
@@ -172,6 +182,16 @@ def convert(
     Returns:
         A :class:`Conversion` holding one :class:`LayerResult` per layer, in the given order.
     """
+    for lay in layers:
+        # Checked per layer before any fitting: the fit itself can only count bad kernels, not
+        # say which layer holds them.
+        weight = checkpoint.state_dict[lay.weight_key]
+        bad = int((~torch.isfinite(weight)).flatten(1).any(1).sum())
+        if bad:
+            raise UserError(
+                f"layer {lay.name} has NaN or Inf weights in {bad} output channel(s); repair the "
+                "checkpoint or leave the layer out of --layers"
+            )
     by_size: dict[tuple[int, int], list[ConvLayer]] = {}
     for lay in layers:
         by_size.setdefault(tuple(lay.kernel_size), []).append(lay)

@@ -51,6 +51,7 @@ __all__ = [
     "acl_layers",
     "param_groups",
     "state_path",
+    "require_state",
     "finetune",
 ]
 
@@ -415,14 +416,19 @@ def _save(
     save_anann(output, saved.state_dict(), new_header)
 
 
-def _restore(
-    spath: Path, student: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig
-) -> tuple[int, list[float]]:
+def require_state(spath: Path) -> None:
+    """Raise :class:`UserError` unless the training state ``spath`` exists (to resume from)."""
     if not spath.is_file():
         raise UserError(
             f"cannot resume: no training state {spath} (it is written after each epoch); "
             "run without --resume to start"
         )
+
+
+def _restore(
+    spath: Path, student: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig
+) -> tuple[int, list[float]]:
+    require_state(spath)
     try:
         state = torch.load(spath, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file: the same advice

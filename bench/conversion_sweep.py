@@ -21,7 +21,6 @@ every kernel (a relative residual never exceeds 1).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import platform
@@ -84,14 +83,6 @@ def batches(split: dict, size: int = 50):
         yield split["x"][i : i + size], split["y"][i : i + size]
 
 
-def with_acls(original: torch.nn.Module, conversion) -> torch.nn.Module:
-    model = copy.deepcopy(original)
-    for res in conversion.layers:
-        parent, _, child = res.layer.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, copy.deepcopy(res.acl))
-    return model
-
-
 def compact_factor(conversion) -> float:
     before = sum(r.params_before for r in conversion.layers)
     after = sum(r.params_after for r in conversion.layers)
@@ -119,7 +110,7 @@ def sweep_model(key: str, args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             settings = Settings(offset=offset, threshold=tau, device="cpu")
             conv = convert(ckpt, chosen, settings, arch=arch)
-            student = with_acls(original, conv)
+            student = conv.patched(original)
             before = evaluate(student, batches(ev), reference=original)
             with tempfile.TemporaryDirectory() as tmp:
                 config = FinetuneConfig(

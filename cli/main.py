@@ -243,8 +243,6 @@ def convert(
     debug: bool = DebugOpt,
 ) -> None:
     """Convert selected convolutions of CHECKPOINT into ACLs; write an AnaNN and a report."""
-    import torch
-
     from acl_convert.convert import DEFAULT_THRESHOLD, Settings
     from acl_convert.convert import convert as run_convert
     from acl_convert.files import atomic_path, check_writable
@@ -276,13 +274,6 @@ def convert(
     chosen = select_layers(
         [s for sel in layers for s in _split(sel)], all_layers, list(ckpt.state_dict)
     )
-    for lay in chosen:
-        bad = int((~torch.isfinite(ckpt.state_dict[lay.weight_key])).flatten(1).any(1).sum())
-        if bad:
-            raise UserError(
-                f"layer {lay.name} has NaN or Inf weights in {bad} output channel(s); repair the "
-                "checkpoint or leave the layer out of --layers"
-            )
     if calibration is not None and model is None:
         raise UsageError("--calibration needs a known architecture; pass --arch NAME")
     mosaic_paths = {}
@@ -342,20 +333,12 @@ def convert(
 
 
 def _fidelity(model, result, files, arch, quiet):
-    import copy
-
     from acl_convert.fidelity import measure_fidelity
     from acl_convert.images import load_batches, preprocessing
 
     original = model
     original.load_state_dict(result.source.state_dict, strict=True)
-    converted = copy.deepcopy(original)
-    for res in result.layers:
-        # The layers were built with the model's own conv hyper-parameters, so they drop in.
-        parent, _, child = res.layer.name.rpartition(".")
-        setattr(
-            converted.get_submodule(parent) if parent else converted, child, copy.deepcopy(res.acl)
-        )
+    converted = result.patched(original)
     transform = preprocessing(arch)
     _note(quiet, f"measuring fidelity on {len(files)} images")
     with _progress(quiet) as bar:
@@ -756,7 +739,7 @@ def finetune_cmd(
 
     from acl_convert.anann import read_anann
     from acl_convert.files import check_writable
-    from acl_convert.finetune import FinetuneConfig, finetune, state_path
+    from acl_convert.finetune import FinetuneConfig, finetune, require_state, state_path
     from acl_convert.images import list_images, load_image, preprocessing
 
     config = FinetuneConfig(
@@ -779,11 +762,7 @@ def finetune_cmd(
     dev = _device(device)
     output = output or _default_output(anann, ".ft.anann.safetensors")
     if resume:
-        if not state_path(output).is_file():
-            raise UserError(
-                f"cannot resume: no training state {state_path(output)} (it is written after "
-                "each epoch); run without --resume to start"
-            )
+        require_state(state_path(output))  # before the networks are loaded
     else:
         check_writable(output, force=force)
         check_writable(state_path(output), force=force)

@@ -223,11 +223,10 @@ def _fit_chunk(
     # exactly those AKPs: the reported residual is that of the kernel the ACL will synthesise
     # (a near-flat kernel has a large gain, which magnifies any rounding of its AKPs).
     gain, _, _ = _linear_fit(fam, akp, exact, h, w, offset)
-    akp, _ = fam.canonicalize(akp, gain)
-    akp = akp.to(store_dtype).double()
-    # Rounding can push an angle just past its range (float32(pi) > pi): fold once more.
-    gain, _, _ = _linear_fit(fam, akp, exact, h, w, offset)
-    akp = fam.canonicalize(akp, gain)[0].to(store_dtype).double()
+    akp, gain = fam.canonicalize(akp, gain)
+    # Rounding can push an angle just past its range (float32(pi) > pi): fold once more, with
+    # the gain that goes with the folded AKPs.
+    akp = fam.canonicalize(akp.to(store_dtype).double(), gain)[0].to(store_dtype).double()
     gain, b, cost = _linear_fit(fam, akp, exact, h, w, offset)
     return akp.to(unit.dtype), cost.to(unit.dtype), gain.to(unit.dtype), b.to(unit.dtype)
 
