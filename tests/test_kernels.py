@@ -3,7 +3,8 @@
 Every family gets the same set: hand-worked values, shape/cardinality, exceptions, non-contiguous
 input, dtype/device, gradcheck, reparameterisation, canonicalisation, sampling and a compile smoke.
 Expected values come from the paper's formulas written out again here with :mod:`math` on scalar
-coordinates, never from the library's own formula helpers.
+coordinates, never from the library's own formula helpers. The opt-in families beyond the paper
+(``Ge``, ``Dx``, ``Dxx``, docs/kernels.md "Extended families") go through the same matrix.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from acl_convert.kernels import KernelFamily, Param, registry
 DELTA = 1e-4  # TGD1st dead band (paper: "such as 1e-4")
 
 #: The families with AKPs; Mean and Plain are tested where they are meaningful.
-ANALYTIC = ("G", "Lg", "Tf", "Ts", "Lt")
-ALL = ("M", "G", "Lg", "Tf", "Ts", "Lt", "P")
+EXTENDED = ("Ge", "Dx", "Dxx")
+ANALYTIC = ("G", "Lg", "Tf", "Ts", "Lt", *EXTENDED)
+ALL = ("M", "G", "Lg", "Tf", "Ts", "Lt", "P", *EXTENDED)
+#: Families whose kernel changes sign under theta + pi: canonical theta is [0, 2 pi) without a gain.
+ODD_UNDER_HALF_TURN = ("Tf", "Dx")
 SIZES = [(3, 3), (4, 4), (5, 3), (2, 6), (7, 7)]
 
 #: Generic AKPs: no grid point of any size in SIZES or of 5x5 / 4x6 lies on x' = 0 (min |x'| is
@@ -32,6 +36,9 @@ GENERIC = {
     "Tf": (0.41, 1.6, 2.3),
     "Ts": (0.37, 1.8),
     "Lt": (1.7,),
+    "Ge": (4.0, 0.3, 0.2, 1.5, 0.7, 0.4, -0.3),
+    "Dx": (0.41, 1.3),
+    "Dxx": (0.37, 1.6),
 }
 
 #: SPEC §2 table: names and AKPs in order.
@@ -43,6 +50,9 @@ TABLE = {
     "Ts": ("tgd2nd", ("theta", "gamma")),
     "Lt": ("lot", ("sigma",)),
     "P": ("plain", ()),
+    "Ge": ("gabor_ext", ("lambda", "theta", "psi", "sigma", "gamma", "x0", "y0")),
+    "Dx": ("gauss1st", ("theta", "sigma")),
+    "Dxx": ("gauss2nd", ("theta", "sigma")),
 }
 
 # --- independent scalar references of the paper's formulas ---------------------------------
@@ -66,6 +76,27 @@ def ref_gabor(x, y, h, w, lam, theta, psi, sigma, gamma=1.0):
     return math.exp(-(xr**2 + gamma**2 * yr**2) / (2 * sigma**2)) * math.cos(
         2 * math.pi * xr / lam + psi
     )
+
+
+def ref_gabor_ext(x, y, h, w, lam, theta, psi, sigma, gamma, x0, y0):
+    """The paper's Gabor with gamma free, evaluated about the centre (x0, y0)."""
+    return ref_gabor(x - x0, y - y0, h, w, lam, theta, psi, sigma, gamma)
+
+
+def ref_gauss(x, y, sigma):
+    return math.exp(-(x * x + y * y) / (2 * sigma**2))
+
+
+def ref_gauss1st(x, y, h, w, theta, sigma):
+    """sigma * d/dx' of the Gaussian; d/dx' = cos(theta) d/dx + sin(theta) d/dy (chain rule)."""
+    xr, _ = rot(x, y, theta)
+    return sigma * (-xr / sigma**2) * ref_gauss(x, y, sigma)
+
+
+def ref_gauss2nd(x, y, h, w, theta, sigma):
+    """sigma^2 * d^2/dx'^2 of the Gaussian: (x'^2 / sigma^4 - 1 / sigma^2) g."""
+    xr, _ = rot(x, y, theta)
+    return sigma**2 * (xr**2 / sigma**4 - 1 / sigma**2) * ref_gauss(x, y, sigma)
 
 
 def ref_log(x, y, h, w, sigma):
@@ -106,7 +137,16 @@ def ref_lot(x, y, h, w, sigma):
     return _with_origin(ref_lot_v, x, y, h, w, sigma)
 
 
-REF = {"G": ref_gabor, "Lg": ref_log, "Tf": ref_tgd1st, "Ts": ref_tgd2nd, "Lt": ref_lot}
+REF = {
+    "G": ref_gabor,
+    "Lg": ref_log,
+    "Tf": ref_tgd1st,
+    "Ts": ref_tgd2nd,
+    "Lt": ref_lot,
+    "Ge": ref_gabor_ext,
+    "Dx": ref_gauss1st,
+    "Dxx": ref_gauss2nd,
+}
 
 
 def akp(code: str, dtype=torch.float64, *batch: int) -> torch.Tensor:
@@ -269,6 +309,110 @@ def test_lot_origin_does_not_cancel_in_float32():
     k = kernels.get("Lt")(torch.tensor([0.3]), 3, 3)
     rest = 4 * math.exp(-1 / 0.09) + 4 * math.exp(-2 / 0.09)
     assert k[1, 1].item() == pytest.approx(-rest, rel=1e-5)
+
+
+# --- hand-worked values of the extended families -------------------------------------------------
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_gabor_ext_hand_values():
+    """lambda = 4, theta = 0, psi = 0, sigma = 1, gamma = 2, centre (x0, y0) = (1, 0) on 3x3:
+    x' = x - 1 down the rows, y' = y along the columns."""
+    k = kernels.get("Ge")(_t(4.0, 0.0, 0.0, 1.0, 2.0, 1.0, 0.0), 3, 3)
+    assert k[2, 1].item() == pytest.approx(1.0)  # (x, y) = (1, 0): the centre
+    assert k[1, 1].item() == pytest.approx(0.0, abs=1e-15)  # x' = -1: cos(-pi/2)
+    assert k[0, 1].item() == pytest.approx(-math.exp(-2))  # x' = -2: e^{-4/2} cos(-pi)
+    # y' = 1 at the centre row: the envelope along y' has s.d. sigma / gamma = 0.5, e^{-4/2}.
+    assert k[2, 2].item() == pytest.approx(math.exp(-2))
+    assert k[2, 0].item() == pytest.approx(math.exp(-2))
+
+
+def test_gabor_ext_with_gamma_one_and_no_offset_is_the_paper_gabor():
+    a = generic_akps("G", 20, 7, 7, seed=11)
+    ext = torch.cat([a, torch.ones(20, 1, dtype=a.dtype), torch.zeros(20, 2, dtype=a.dtype)], 1)
+    for h, w in SIZES:
+        torch.testing.assert_close(kernels.get("Ge")(ext, h, w), kernels.get("G")(a, h, w))
+
+
+def test_gabor_ext_centre_offset_translates_the_kernel():
+    """Moving the centre by one pixel down and two to the left moves the whole kernel with it."""
+    ge = kernels.get("Ge")
+    base = _t(*GENERIC["Ge"][:5], 0.0, 0.0)
+    moved = _t(*GENERIC["Ge"][:5], 1.0, -2.0)
+    k0, k1 = ge(base, 9, 9), ge(moved, 9, 9)
+    torch.testing.assert_close(k1[1:, :-2], k0[:-1, 2:])
+
+
+def test_gabor_ext_aspect_ratio_stretches_along_the_stripes():
+    """theta = 0 and psi = 0: the wave runs down the rows, so along a row the kernel is the bare
+    envelope exp(-gamma^2 y^2 / (2 sigma^2)); gamma < 1 elongates it along the stripes."""
+    for gamma in (0.5, 1.0, 2.0):
+        k = kernels.get("Ge")(_t(3.0, 0.0, 0.0, 1.2, gamma, 0.0, 0.0), 5, 5)
+        row = [math.exp(-(gamma**2) * y * y / (2 * 1.2**2)) for y in (-2, -1, 0, 1, 2)]
+        torch.testing.assert_close(k[2], _t(*row))
+
+
+def test_gauss_derivative_hand_values():
+    """theta = 0, sigma = 1 on 3x3: x' = x (down the rows)."""
+    e1, e2 = math.exp(-0.5), math.exp(-1.0)
+    d1 = kernels.get("Dx")(_t(0.0, 1.0), 3, 3)
+    # -x e^{-(x^2+y^2)/2}: negative on the side x' > 0 (the last row).
+    torch.testing.assert_close(d1, _t([e2, e1, e2], [0.0, 0.0, 0.0], [-e2, -e1, -e2]))
+    d2 = kernels.get("Dxx")(_t(0.0, 1.0), 3, 3)
+    # (x^2 - 1) e^{-(x^2+y^2)/2}: zero at |x'| = sigma, -1 at the origin.
+    torch.testing.assert_close(d2, _t([0.0, 0.0, 0.0], [-e1, -1.0, -e1], [0.0, 0.0, 0.0]))
+    # theta = pi/2 turns the derivative onto the columns: x' = y.
+    torch.testing.assert_close(kernels.get("Dx")(_t(math.pi / 2, 1.0), 3, 3), d1.t())
+    torch.testing.assert_close(kernels.get("Dxx")(_t(math.pi / 2, 1.0), 3, 3), d2.t())
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+@pytest.mark.parametrize("theta,sigma", [(0.41, 1.3), (2.2, 0.7), (4.0, 2.5)])
+def test_gauss_derivatives_match_finite_differences(theta, sigma, h, w):
+    """Dx = sigma g', Dxx = sigma^2 g'' along the unit vector (cos theta, sin theta), checked by
+    central differences of the plain Gaussian g, evaluated with math at every sample."""
+    step = 1e-4
+    c, s = math.cos(theta), math.sin(theta)
+    d1 = kernels.get("Dx")(_t(theta, sigma), h, w)
+    d2 = kernels.get("Dxx")(_t(theta, sigma), h, w)
+    for i, j, x, y in coords(h, w):
+        fwd = ref_gauss(x + step * c, y + step * s, sigma)
+        bwd = ref_gauss(x - step * c, y - step * s, sigma)
+        mid = ref_gauss(x, y, sigma)
+        assert d1[i, j].item() == pytest.approx(sigma * (fwd - bwd) / (2 * step), abs=1e-8)
+        fd2 = sigma**2 * (fwd - 2 * mid + bwd) / step**2
+        assert d2[i, j].item() == pytest.approx(fd2, abs=1e-6)
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_gauss_derivative_symmetries(h, w):
+    """A half-turn maps (x, y) to (-x, -y): Dx is odd (and sums to zero), Dxx is even."""
+    d1 = kernels.get("Dx")(akp("Dx"), h, w)
+    d2 = kernels.get("Dxx")(akp("Dxx"), h, w)
+    torch.testing.assert_close(d1.flip(-2, -1), -d1)
+    assert d1.sum().item() == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(d2.flip(-2, -1), d2)
+    # Dx's period is 2 pi (theta + pi negates it), Dxx's is pi.
+    for code, sign in (("Dx", -1.0), ("Dxx", 1.0)):
+        a = akp(code)
+        turned = a.clone()
+        turned[0] += math.pi
+        f = kernels.get(code)
+        torch.testing.assert_close(f(turned, h, w), sign * f(a, h, w))
+
+
+def test_gauss_derivative_peaks_do_not_depend_on_sigma():
+    """The chosen normalisation (sigma^n d^n/dx'^n of the unnormalised Gaussian): Dx peaks at
+    x' = sigma with e^{-1/2}, Dxx is -1 at the origin, at every scale."""
+    for sigma in (0.5, 1.0, 3.0):
+        # The sampling grid has no sample at x' = sigma for most sigma: call the formula there.
+        x, y = torch.tensor([[-sigma]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+        peak = kernels.get("Dx").formula(x, y, *_t(0.0, sigma))
+        assert peak.item() == pytest.approx(math.exp(-0.5))
+        assert kernels.get("Dxx")(_t(0.3, sigma), 1, 1).item() == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("h,w", SIZES + [(1, 1), (1, 5), (6, 1)])
@@ -485,12 +629,35 @@ def test_all_spec_families_registered():
     assert kernels.PAPER_FAMILIES == ("G", "Lg", "Tf", "Ts", "Lt", "M")
 
 
+def test_extended_families_are_registered_but_opt_in():
+    """Beyond the paper: registered (usable by code in --families and patterns), never a default."""
+    assert kernels.EXTENDED_FAMILIES == EXTENDED
+    assert set(EXTENDED) <= set(kernels.codes())
+    assert not set(EXTENDED) & set(kernels.PAPER_FAMILIES)
+    # Registered after the paper's families (and Plain), which keep their registry order.
+    codes = kernels.codes()
+    paper = [*kernels.PAPER_FAMILIES, "P"]
+    assert max(map(codes.index, paper)) < min(map(codes.index, EXTENDED))
+    assert all(kernels.get(c).smooth for c in EXTENDED)
+
+
+#: (unit, kind) of every AKP name; the rest are lengths in px, kept positive.
+PARAM_META = {
+    "theta": ("rad", "angle"),
+    "psi": ("rad", "angle"),
+    "x0": ("px", "real"),
+    "y0": ("px", "real"),
+}
+
+
 @pytest.mark.parametrize("code", ANALYTIC)
 def test_param_meta_data(code):
     fam = kernels.get(code)
     for p in fam.params:
-        assert p.unit == ("rad" if p.name in ("theta", "psi") else "px")
-        assert p.kind == ("angle" if p.name in ("theta", "psi") else "positive")
+        if code == "Ge" and p.name == "gamma":  # an aspect ratio, not TGD2nd's length
+            assert (p.unit, p.kind) == ("1", "positive")
+        else:
+            assert (p.unit, p.kind) == PARAM_META.get(p.name, ("px", "positive")), p.name
 
 
 def test_param_rejects_unknown_kind():
@@ -590,7 +757,7 @@ def test_canonicalize_keeps_the_kernel(code, h, w):
     if "theta" in f.param_names:
         theta = _theta(f, c)
         assert (theta >= 0).all() and (theta < math.pi).all()
-    if code == "G":
+    if code in ("G", "Ge"):
         psi = c[:, 2]
         assert (psi > -math.pi).all() and (psi <= math.pi).all()
         assert (g >= 0).all()
@@ -607,11 +774,11 @@ def test_canonicalize_without_gain(code):
     assert g is None
     torch.testing.assert_close(f(c, 5, 5), f(a, 5, 5))
     if "theta" in f.param_names:
-        # TGD1st: theta + pi flips the sign and nothing absorbs it, so the period is 2 pi.
-        hi = 2 * math.pi if code == "Tf" else math.pi
+        # TGD1st, Dx: theta + pi flips the sign and nothing absorbs it, so the period is 2 pi.
+        hi = 2 * math.pi if code in ODD_UNDER_HALF_TURN else math.pi
         theta = _theta(f, c)
         assert (theta >= 0).all() and (theta < hi).all()
-    if code == "Tf":
+    if code in ODD_UNDER_HALF_TURN:
         assert (_theta(f, c) >= math.pi).any()  # really [0, 2 pi), not folded further
 
 
@@ -627,7 +794,7 @@ def test_canonicalize_is_idempotent():
 
 
 @pytest.mark.parametrize("theta", [0.0, math.pi, -math.pi, 2 * math.pi, 3 * math.pi, -1e-20, -1e-9])
-@pytest.mark.parametrize("code", ["G", "Tf", "Ts"])
+@pytest.mark.parametrize("code", ["G", "Tf", "Ts", *EXTENDED])
 def test_canonical_theta_range_at_its_edges(code, theta):
     """Angles on or just below a multiple of pi must still land in [0, pi)."""
     f = kernels.get(code)
@@ -638,7 +805,7 @@ def test_canonical_theta_range_at_its_edges(code, theta):
     assert 0 <= t < math.pi, t
 
 
-@pytest.mark.parametrize("code", ["G", "Tf", "Ts"])
+@pytest.mark.parametrize("code", ["G", "Tf", "Ts", *EXTENDED])
 def test_canonical_theta_range_float32(code):
     """In float32 an angle a few 1e-8 below zero folds onto pi(float32) unless it is caught."""
     f = kernels.get(code)
@@ -650,16 +817,22 @@ def test_canonical_theta_range_float32(code):
 
 
 @pytest.mark.parametrize("theta", [0.0, 2 * math.pi, -2 * math.pi, -1e-20, -1e-9])
-def test_canonical_tgd1st_theta_range_without_gain_at_its_edges(theta):
-    f = kernels.get("Tf")
-    c, _ = f.canonicalize(torch.tensor([[theta, 1.6, 2.3]], dtype=torch.float64))
+@pytest.mark.parametrize("code", ODD_UNDER_HALF_TURN)
+def test_canonical_theta_range_without_gain_at_its_edges(code, theta):
+    f = kernels.get(code)
+    a = torch.tensor([GENERIC[code]], dtype=torch.float64)
+    a[0, 0] = theta
+    c, _ = f.canonicalize(a)
     assert 0 <= c[0, 0].item() < 2 * math.pi, c[0, 0].item()
 
 
 @pytest.mark.parametrize("psi", [math.pi, -math.pi, 3 * math.pi, -1e-20])
-def test_canonical_psi_range_at_its_edges(psi):
-    f = kernels.get("G")
-    c, _ = f.canonicalize(torch.tensor([[4.0, 0.3, psi, 1.5]], dtype=torch.float64))
+@pytest.mark.parametrize("code", ["G", "Ge"])
+def test_canonical_psi_range_at_its_edges(code, psi):
+    f = kernels.get(code)
+    a = torch.tensor([GENERIC[code]], dtype=torch.float64)
+    a[0, 2] = psi
+    c, _ = f.canonicalize(a)
     assert -math.pi < c[0, 2].item() <= math.pi
 
 
