@@ -3,7 +3,8 @@
 Tensors: every tensor of the source state dict, except that each converted convolution's
 ``<layer>.weight`` is replaced by its ACL's state-dict entries: ``<layer>.akp.<code>``
 (unconstrained AKPs, see :meth:`KernelFamily.from_unconstrained`), ``<layer>.gain.<code>``,
-``<layer>.offset.<code>``, ``<layer>.index_<code>`` (which kernels belong to the family) and
+``<layer>.offset.<code>``, ``<layer>.index_<code>`` (which kernels belong to the family),
+``<layer>.akp_row_<code>`` (only for a family whose kernels share AKP rows: each kernel's row) and
 ``<layer>.plain``; ``<layer>.bias`` is kept. So the file *is* the state dict of the AnaNN
 module, and ``load_state_dict(strict=True)`` checks it completely.
 
@@ -48,8 +49,9 @@ FORMAT = "acl-convert/anann"
 FORMAT_VERSION = 1
 _HEADER_KEY = "acl_convert"
 _INDEX = re.compile(r"^index_(.+)$")
+_ROWS = re.compile(r"^akp_row_(.+)$")
 # The state-dict keys of an ACL (see layer.py), relative to the layer.
-_ACL_KEY = re.compile(r"^((akp|gain|offset)\.[^.]+|index_[^.]+|plain|bias)$")
+_ACL_KEY = re.compile(r"^((akp|gain|offset)\.[^.]+|(index|akp_row)_[^.]+|plain|bias)$")
 
 
 @dataclass
@@ -142,9 +144,11 @@ def build_layer(
     record: Mapping[str, Any], layer_tensors: Mapping[str, Tensor], conv: nn.Conv2d | None = None
 ) -> ACL:
     """An :class:`ACL` shaped like the recorded layer (hyper-parameters from ``conv`` when given,
-    else from the record), not yet loaded with values."""
+    else from the record), not yet loaded with values. Families with ``akp_row_<code>`` tensors
+    get their shared AKP rows back."""
     co, cig, h, w = record["shape"]
     codes = codes_from_indices(layer_tensors, co * cig)
+    akp_rows = {m.group(1): t for k, t in layer_tensors.items() if (m := _ROWS.match(k))}
     if conv is not None:
         if tuple(conv.weight.shape) != (co, cig, h, w):
             raise UserError(
@@ -172,16 +176,22 @@ def build_layer(
             padding_mode=record.get("padding_mode") or "zeros",
         )
         in_channels = cig * groups
-    return ACL(
-        in_channels,
-        co,
-        (h, w),
-        **args,
-        assignment=codes,
-        gain=bool(record.get("gain")),
-        offset=bool(record.get("offset")),
-        device="meta",
-    )
+    try:
+        return ACL(
+            in_channels,
+            co,
+            (h, w),
+            **args,
+            assignment=codes,
+            gain=bool(record.get("gain")),
+            offset=bool(record.get("offset")),
+            akp_rows=akp_rows,
+            device="meta",
+        )
+    except ValueError as exc:  # only a damaged file has rows the layer cannot take
+        raise UserError(
+            f"AnaNN layer {record.get('name', '?')} is corrupt ({exc}); convert again"
+        ) from None
 
 
 def _padding(value):

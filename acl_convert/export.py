@@ -15,8 +15,9 @@ __all__ = ["akp_table", "to_csv"]
 
 def akp_table(path: str | Path) -> dict[str, Any]:
     """``{"source": ..., "arch": ..., "layers": [{"name", "pattern", "compact_factor",
-    "kernels": [{"index", "out", "in", "family", "akps": {name: value}, "gain", "offset"}]}]}``;
-    AKPs in the paper's units and canonical ranges, plain kernels listed with empty AKPs."""
+    "kernels": [{"index", "out", "in", "family", "akps": {name: value}, "gain", "offset",
+    "tied"}]}]}``; AKPs in the paper's units and canonical ranges, plain kernels listed with
+    empty AKPs. A channel-tied kernel (``tied``) lists its shared row's AKPs."""
     ana = read_anann(path)
     layers = []
     for name, record in ana.layers.items():
@@ -29,9 +30,10 @@ def akp_table(path: str | Path) -> dict[str, Any]:
         for code in layer.codes_present():
             fam = kernels.get(code)
             index = layer.index(code).tolist()
-            akps = layer.akps(code).tolist() if code != "P" else [[] for _ in index]
+            akps = layer.kernel_akps(code).tolist() if code != "P" else [[] for _ in index]
             gains = layer.gain[code].tolist() if code in layer.gain else [None] * len(index)
             offs = layer.offset[code].tolist() if code in layer.offset else [None] * len(index)
+            tied = layer.tied_kernels(code).tolist() if code != "P" else [False] * len(index)
             for j, k in enumerate(index):
                 rows[k] = {
                     "index": k,
@@ -41,6 +43,7 @@ def akp_table(path: str | Path) -> dict[str, Any]:
                     "akps": dict(zip(fam.param_names, akps[j], strict=False)),
                     "gain": gains[j],
                     "offset": offs[j],
+                    "tied": tied[j],
                 }
         layers.append(
             {
@@ -54,7 +57,8 @@ def akp_table(path: str | Path) -> dict[str, Any]:
 
 
 def to_csv(table: dict[str, Any]) -> str:
-    """One CSV row per kernel; AKP columns are ``<family>.<akp>`` for every family present."""
+    """One CSV row per kernel; AKP columns are ``<family>.<akp>`` for every family present,
+    after ``tied`` (1 for a channel-tied kernel, else 0)."""
     columns: list[str] = []
     for lay in table["layers"]:
         for row in lay["kernels"]:
@@ -64,7 +68,7 @@ def to_csv(table: dict[str, Any]) -> str:
                     columns.append(col)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["layer", "index", "out", "in", "family", "gain", "offset", *columns])
+    writer.writerow(["layer", "index", "out", "in", "family", "gain", "offset", "tied", *columns])
     for lay in table["layers"]:
         for row in lay["kernels"]:
             values = {f"{row['family']}.{k}": v for k, v in row["akps"].items()}
@@ -77,6 +81,7 @@ def to_csv(table: dict[str, Any]) -> str:
                     row["family"],
                     "" if row["gain"] is None else row["gain"],
                     "" if row["offset"] is None else row["offset"],
+                    int(row["tied"]),
                     *[values.get(c, "") for c in columns],
                 ]
             )

@@ -331,14 +331,16 @@ def finetune(
 
 
 def _akp_damping(acls: dict[str, ACL]) -> list[tuple[nn.Parameter, Tensor]]:
-    """Factors ``(n, P)`` that shrink each Adam step of each AKP of each kernel, so that a step
-    changes every kernel by about the same fraction of its size.
+    """Factors ``(n_rows, P)`` that shrink each Adam step of each AKP of each AKP row, so that a
+    step changes every kernel (or tied channel) by about the same fraction of its size.
 
     Adam moves every AKP by about its learning rate, but what that does to the kernel
     ``g f + b`` is ``|g| |df/du|`` per unit step, which the fit can make far larger than the
     kernel: a Gabor whose carrier nearly vanishes on the pixel grid (wavelength 2 px at phase
     pi/2) needs a gain in the thousands for a kernel of size one. The factor is
     ``min(1, |g f + b| / (|g| |df/du_j|))`` per kernel and AKP ``j``, from the fitted values.
+    A row shared by a tied channel moves all its kernels at once, so there both norms are taken
+    over the channel's kernels together (root-sum-square over the row).
     Measured on MobileNetV2's 3x3 kernels: without it, three distillation steps of the Gabor AKPs
     (one kernel changed by 18x its size) raised the logits' relative error from 0.17 to 0.47."""
     out = []
@@ -350,13 +352,17 @@ def _akp_damping(acls: dict[str, ACL]) -> list[tuple[nn.Parameter, Tensor]]:
             fam = kernels.get(code)
             with torch.no_grad():
                 u = param.detach().double()
-                f, jac = lm.with_jacobian(fam, u, h, w)  # (n, hw), (n, hw, P)
+                f, jac = lm.with_jacobian(fam, u, h, w)  # (n_rows, hw), (n_rows, hw, P)
+                rows = acl.akp_rows(code)  # (n,)
                 gain = acl.gain[code].detach().double()
-                kernel = gain[:, None] * f
+                kernel = gain[:, None] * f[rows]
                 if code in acl.offset:
                     kernel = kernel + acl.offset[code].detach().double()[:, None]
-                size = kernel.norm(dim=1, keepdim=True)  # (n, 1)
-                sensitivity = gain.abs()[:, None] * jac.norm(dim=1)  # (n, P)
+                size2 = u.new_zeros(len(u)).index_add(0, rows, kernel.square().sum(1))
+                sens2 = torch.zeros_like(u).index_add(
+                    0, rows, gain.square()[:, None] * jac.square().sum(1)[rows]
+                )
+                size, sensitivity = size2.sqrt()[:, None], sens2.sqrt()  # (n_rows, 1), (.., P)
                 scale = (size / sensitivity.clamp_min(1e-30)).clamp(max=1.0)
             out.append((param, scale.to(param.dtype)))
     return out

@@ -8,13 +8,21 @@ present, the layer holds one tensor of AKPs (kept unconstrained, see
 (``kernel = gain * f(AKPs) + offset``, SPEC §2), and an index buffer saying which kernels it owns.
 Plain kernels are one ``(n_plain, h, w)`` tensor.
 
+Channel-tied ACKs (paper Fig. 3: an RGB triple as one pattern in three strengths): several kernels
+of a family may share one row of AKPs while keeping a gain and an offset each, so
+``kernel = gain_k * f(AKPs_row(k)) + offset_k``. A family with shared rows holds an
+``akp_row_<code>`` buffer ``(n_code,)`` giving each of its kernels its AKP row; its AKP tensor then
+has one row per *row*, not per kernel. Without the buffer row ``j`` is kernel ``j`` (untied), so
+untied layers keep exactly the tensors they always had. Typically a row is one output channel
+(:func:`channel_rows`), but any kernels of one family may share one.
+
 The synthesised weight is a derived tensor: rebuilt on every call in training mode, cached in
 ``eval()`` so inference costs what a plain convolution costs, and dropped again by ``train()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +30,7 @@ from torch import Tensor, nn
 
 from . import kernels, pattern
 
-__all__ = ["ACL"]
+__all__ = ["ACL", "channel_rows"]
 
 _PLAIN = "P"
 
@@ -37,6 +45,10 @@ class ACL(nn.Module):
             (kernel order as above), or an arrangement pattern (counts or ratio form, Eqs. 9-10).
         gain: give every ACK a learnable gain (SPEC §2). Off for layers built from a pattern.
         offset: give every ACK (except Mean, which is already constant) a learnable offset.
+        akp_rows: ``code -> (n_code,)`` integer AKP row of each kernel of that family (in
+            index order), for families whose kernels share AKPs (channel-tied ACKs); rows are
+            ``0 .. n_rows-1``, each used at least once. Families not given (or given the
+            identity) have one row per kernel. See :func:`channel_rows`.
 
     Parameters are initialised like ``nn.Conv2d`` for plain kernels and bias, randomly in each
     family's initialisation range for AKPs, 1 for gains and 0 for offsets. Use
@@ -59,6 +71,7 @@ class ACL(nn.Module):
         assignment: str | Sequence[str],
         gain: bool = False,
         offset: bool = False,
+        akp_rows: Mapping[str, Sequence[int] | Tensor] | None = None,
         generator: torch.Generator | None = None,
         device=None,
         dtype=None,
@@ -93,6 +106,8 @@ class ACL(nn.Module):
         h, w = self.kernel_size
         n_kernels = out_channels * (in_channels // groups)
         codes = _assignment_codes(assignment, n_kernels)
+        groups_by_code = _group(codes)
+        rows = _checked_rows(akp_rows, {c: len(i) for c, i in groups_by_code.items()})
         self.gain_enabled = bool(gain)
         self.offset_enabled = bool(offset)
 
@@ -119,15 +134,19 @@ class ACL(nn.Module):
         self.akp = nn.ParameterDict()
         self.gain = nn.ParameterDict()
         self.offset = nn.ParameterDict()
-        for code, idx in _group(codes).items():
+        for code, idx in groups_by_code.items():
             index = torch.tensor(idx, dtype=torch.long, device=device)
             self.register_buffer(_index_name(code), index)
             if code == _PLAIN:
                 self.plain = nn.Parameter(flat_init[index].clone())
                 continue
+            n_rows = len(idx)
+            if code in rows:
+                self.register_buffer(_row_name(code), rows[code].to(device))
+                n_rows = int(rows[code].max()) + 1
             fam = kernels.get(code)
             if fam.num_params:
-                akps = fam.sample(len(idx), h, w, generator=generator, **factory)
+                akps = fam.sample(n_rows, h, w, generator=generator, **factory)
                 self.akp[code] = nn.Parameter(fam.to_unconstrained(akps))
             if self.gain_enabled:
                 self.gain[code] = nn.Parameter(torch.ones(len(idx), **factory))
@@ -174,16 +193,21 @@ class ACL(nn.Module):
         offsets: Mapping[str, Tensor] | None = None,
         plain: Tensor | None = None,
         bias: Tensor | None = None,
+        akp_rows: Mapping[str, Sequence[int] | Tensor] | None = None,
         **conv_kwargs,
     ) -> ACL:
         """Build a layer from explicit per-kernel values (what the converter produces).
 
         Args:
             codes: family code per kernel, length ``Co * Ci/groups``.
-            akps: ``code -> (n_code, P)`` AKPs in the paper's units, rows in kernel order.
-            gains, offsets: ``code -> (n_code,)``; giving them enables gains / offsets.
+            akps: ``code -> (n_rows_code, P)`` AKPs in the paper's units: one row per kernel in
+                kernel order, or, for a family in ``akp_rows``, one row per AKP row.
+            gains, offsets: ``code -> (n_code,)``, one per kernel (tied or not), kernel order;
+                giving them enables gains / offsets.
             plain: ``(n_plain, h, w)`` plain kernels in kernel order.
             bias: ``(Co,)`` or None for no bias.
+            akp_rows: ``code -> (n_code,)`` AKP row of each kernel of the family, for tied
+                families (see the class and :func:`channel_rows`).
         """
         layer = cls(
             in_channels,
@@ -193,6 +217,7 @@ class ACL(nn.Module):
             assignment=codes,
             gain=bool(gains),
             offset=bool(offsets),
+            akp_rows=akp_rows,
             **conv_kwargs,
         )
         layer.set_values(akps, gains=gains, offsets=offsets, plain=plain, bias=bias)
@@ -207,9 +232,11 @@ class ACL(nn.Module):
         *,
         gains: Mapping[str, Tensor] | None = None,
         offsets: Mapping[str, Tensor] | None = None,
+        akp_rows: Mapping[str, Sequence[int] | Tensor] | None = None,
     ) -> ACL:
         """Replace ``conv`` by an ACL: its hyper-parameters, bias and (for kernels coded ``P``)
-        its kernels are kept; the ACKs get the given AKPs, gains and offsets."""
+        its kernels are kept; the ACKs get the given AKPs, gains and offsets (arguments as in
+        :meth:`from_assignment`)."""
         h, w = conv.kernel_size
         flat = conv.weight.detach().reshape(-1, h, w)
         plain_idx = [k for k, c in enumerate(codes) if c == _PLAIN]
@@ -223,6 +250,7 @@ class ACL(nn.Module):
             offsets=offsets,
             plain=flat[plain_idx] if plain_idx else None,
             bias=None if conv.bias is None else conv.bias.detach(),
+            akp_rows=akp_rows,
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,
@@ -243,15 +271,15 @@ class ACL(nn.Module):
         bias: Tensor | None = None,
     ) -> None:
         """Overwrite parameters in place. AKPs are given in the paper's units (not
-        unconstrained); every family present must be given."""
-        h, w = self.kernel_size
+        unconstrained), ``(n_rows_code, P)`` (see :meth:`num_rows`); gains and offsets
+        ``(n_code,)``; every family present must be given."""
         for code in self.codes_present():
             if code == _PLAIN:
                 continue
             n = len(self.index(code))
             if code in self.akp:
                 fam = kernels.get(code)
-                value = _checked(akps, code, (n, fam.num_params), "akps")
+                value = _checked(akps, code, (self.num_rows(code), fam.num_params), "akps")
                 for k, p in enumerate(fam.params):
                     if p.kind == "positive" and not bool((value[:, k] > 0).all()):
                         raise ValueError(
@@ -326,18 +354,59 @@ class ACL(nn.Module):
         )
         return {c: len(self.index(c)) for c in present}
 
+    def akp_rows(self, code: str) -> Tensor:
+        """AKP row of each kernel of family ``code``, ``(n_code,)`` long, in index order; the
+        identity ``0 .. n_code-1`` when the family is untied."""
+        name = _row_name(code)
+        if name in self._buffers:
+            return self._buffers[name]
+        index = self.index(code)
+        return torch.arange(len(index), device=index.device)
+
+    def num_rows(self, code: str) -> int:
+        """Number of AKP rows of family ``code``: ``n_code`` untied, fewer when rows are shared."""
+        if code in self.akp:
+            return len(self.akp[code])
+        name = _row_name(code)
+        if name in self._buffers:  # a family without AKPs (Mean): its rows are all alike
+            return int(self._buffers[name].max()) + 1
+        return len(self.index(code))
+
+    def is_tied(self, code: str | None = None) -> bool:
+        """Whether family ``code`` (default: any family of the layer) has an AKP row shared by
+        two or more kernels."""
+        codes = [code] if code is not None else self._codes_with_buffers()
+        return any(self.num_rows(c) < len(self.index(c)) for c in codes if c != _PLAIN)
+
+    def tied_kernels(self, code: str) -> Tensor:
+        """``(n_code,)`` bool, index order: whether each kernel of ``code`` shares its AKP row
+        with another kernel."""
+        rows = self.akp_rows(code)
+        return torch.bincount(rows, minlength=self.num_rows(code))[rows] > 1
+
     def akps(self, code: str) -> Tensor:
-        """AKPs of family ``code`` in the paper's units, ``(n_code, P)`` (differentiable)."""
+        """AKPs of family ``code`` in the paper's units, one per AKP row: ``(n_rows_code, P)``,
+        which is ``(n_code, P)`` for an untied family (differentiable). Per kernel:
+        :meth:`kernel_akps`."""
         fam = kernels.get(code)
         if code not in self.akp:
-            return torch.empty(len(self.index(code)), 0, dtype=self._dtype(), device=self._device())
+            return torch.empty(self.num_rows(code), 0, dtype=self._dtype(), device=self._device())
         return fam.from_unconstrained(self.akp[code])
 
+    def kernel_akps(self, code: str) -> Tensor:
+        """AKPs of every kernel of family ``code`` in the paper's units, ``(n_code, P)`` in
+        index order; kernels sharing a row get the same values (differentiable)."""
+        return self.akps(code)[self.akp_rows(code)]
+
     def compact_factor(self) -> float:
-        """Eq. 25 for this layer: 1 - learnable kernel parameters / (Co * Ci/groups * h * w)."""
+        """Eq. 25 for this layer: 1 - learnable kernel parameters / (Co * Ci/groups * h * w); a
+        shared AKP row counts its AKPs once (gains and offsets stay one per kernel)."""
         h, w = self.kernel_size
-        return pattern.compact_factor_counts(
-            self.family_totals().items(), h, w, gain=self.gain_enabled, offset=self.offset_enabled
+        items = [
+            (c, n, n if c == _PLAIN else self.num_rows(c)) for c, n in self.family_totals().items()
+        ]
+        return pattern.compact_factor_tied(
+            items, h, w, gain=self.gain_enabled, offset=self.offset_enabled
         )
 
     # --- weight synthesis and forward --------------------------------------------------------
@@ -355,7 +424,9 @@ class ACL(nn.Module):
                 # near its flat limit is a large gain times a nearly constant shape plus a large
                 # offset, and in float32 that sum cancels.
                 fam = kernels.get(code)
-                block = fam(self.akps(code).double(), h, w)
+                # One kernel per AKP row, then one per kernel: the gather sums the gradients of
+                # the kernels sharing a row into that row.
+                block = fam(self.akps(code).double(), h, w)[self.akp_rows(code)]
                 if code in self.gain:
                     block = self.gain[code].double()[:, None, None] * block
                 if code in self.offset:
@@ -427,16 +498,27 @@ class ACL(nn.Module):
     @torch.no_grad()
     def canonicalize_(self) -> ACL:
         """Fold AKPs (and gain signs) into their canonical ranges in place; the weight is
-        unchanged (SPEC §2). Call after training, before reporting."""
+        unchanged (SPEC §2). Call after training, before reporting.
+
+        A shared AKP row is folded once, by the gain of largest magnitude among its kernels;
+        whatever sign that fold gives its gain, every gain of the row gets too, so each kernel
+        ``g f + b`` is unchanged."""
         for code in list(self.akp.keys()):
             fam = kernels.get(code)
             gain = self.gain[code] if code in self.gain else None
-            akp, new_gain = fam.canonicalize(
-                self.akps(code), None if gain is None else gain.clone()
-            )
+            if gain is None:
+                akp, _ = fam.canonicalize(self.akps(code), None)
+                self.akp[code].copy_(fam.to_unconstrained(akp))
+                continue
+            rows = self.akp_rows(code)
+            rep = _representatives(gain.abs(), rows, self.num_rows(code))
+            akp, new_rep = fam.canonicalize(self.akps(code), gain[rep].clone())
+            # The fold only flips a gain's sign, so the ratio is exactly +-1; an all-zero row's
+            # gains stay zero whatever the fold did.
+            old_rep = gain[rep]
+            factor = torch.where(old_rep != 0, new_rep / old_rep, torch.ones_like(old_rep))
             self.akp[code].copy_(fam.to_unconstrained(akp))
-            if gain is not None:
-                gain.copy_(new_gain)
+            gain.mul_(factor[rows])
         self._cached_weight = None
         return self
 
@@ -459,6 +541,13 @@ class ACL(nn.Module):
         ]
         if extras:
             s += ", " + "+".join(extras)
+        shared = {
+            c: int((torch.bincount(self.akp_rows(c)) > 1).sum())
+            for c in self.family_totals()
+            if c != _PLAIN and self.is_tied(c)
+        }
+        if shared:
+            s += ", tied=" + "".join(f"{c}{n}" for c, n in shared.items())
         return s + f", pattern={self.pattern}, compact_factor={self.compact_factor():.4f}"
 
     def _device(self) -> torch.device:
@@ -470,6 +559,109 @@ class ACL(nn.Module):
 
 def _index_name(code: str) -> str:
     return f"index_{code}"
+
+
+def _row_name(code: str) -> str:
+    return f"akp_row_{code}"
+
+
+def channel_rows(
+    codes: Sequence[str], kernels_per_channel: int, tied: Iterable[int]
+) -> dict[str, Tensor]:
+    """The ``akp_rows`` argument of :class:`ACL` for tying whole output channels.
+
+    Args:
+        codes: family code of every kernel, length ``Co * kernels_per_channel``, kernel order.
+        kernels_per_channel: ``Ci/groups``.
+        tied: the output channels whose kernels share one AKP row; all kernels of such a
+            channel must be of one analytic family.
+
+    Returns:
+        ``code -> (n_code,)`` long for each family with a tied channel. Rows are numbered in
+        order of their first kernel: going through the family's kernels in kernel order, an
+        untied kernel opens a row of its own, the first kernel of a tied channel opens the
+        channel's row. So the ``akps[code]`` to give with it are, in kernel order, each untied
+        kernel's AKPs and each tied channel's AKPs once.
+
+    >>> channel_rows(["G"] * 6 + ["Lg"] * 3, 3, [0])
+    {'G': tensor([0, 0, 0, 1, 2, 3])}
+    """
+    cig = kernels_per_channel
+    if cig < 1 or len(codes) % cig:
+        raise ValueError(f"{len(codes)} codes are not whole output channels of {cig} kernels each")
+    tied = sorted(set(int(q) for q in tied))
+    co = len(codes) // cig
+    for q in tied:
+        if not 0 <= q < co:
+            raise ValueError(f"tied output channel {q} is outside 0 .. {co - 1}")
+        fams = set(codes[q * cig : (q + 1) * cig])
+        if len(fams) != 1 or kernels.get(next(iter(fams))).plain:
+            raise ValueError(
+                f"output channel {q} has families {sorted(fams)}; a tied channel needs all its "
+                "kernels in one analytic family"
+            )
+    tied_set = set(tied)
+    rows: dict[str, list[int]] = {codes[q * cig]: [] for q in tied}
+    count = dict.fromkeys(rows, 0)
+    for k, code in enumerate(codes):
+        if code not in rows:
+            continue
+        q, p = divmod(k, cig)
+        if q in tied_set and p > 0:
+            rows[code].append(rows[code][-1])  # the channel's kernels are consecutive
+            continue
+        rows[code].append(count[code])
+        count[code] += 1
+    return {c: torch.tensor(r, dtype=torch.long) for c, r in rows.items()}
+
+
+def _checked_rows(
+    akp_rows: Mapping[str, Sequence[int] | Tensor] | None, sizes: Mapping[str, int]
+) -> dict[str, Tensor]:
+    """Validate ``akp_rows`` against the kernels per family; the identity is dropped (an untied
+    family has no row buffer)."""
+    out: dict[str, Tensor] = {}
+    for code, value in (akp_rows or {}).items():
+        if code not in sizes:
+            raise ValueError(f"akp_rows[{code!r}]: the layer has no kernel of family {code!r}")
+        if code == _PLAIN or kernels.get(code).plain:
+            raise ValueError(f"akp_rows[{code!r}]: plain kernels have no AKPs to share")
+        rows = torch.as_tensor(value).detach().cpu()
+        if rows.dtype.is_floating_point or rows.dtype == torch.bool or rows.ndim != 1:
+            raise ValueError(
+                f"akp_rows[{code!r}] must be a 1-D integer tensor, got {rows.dtype} of shape "
+                f"{tuple(rows.shape)}"
+            )
+        if len(rows) != sizes[code]:
+            raise ValueError(
+                f"akp_rows[{code!r}] must have one row per kernel of the family, "
+                f"{sizes[code]}, got {len(rows)}"
+            )
+        rows = rows.long()
+        if int(rows.min()) < 0:
+            raise ValueError(f"akp_rows[{code!r}] has a negative row {int(rows.min())}")
+        unused = (torch.bincount(rows) == 0).nonzero().flatten().tolist()
+        if unused:
+            raise ValueError(
+                f"akp_rows[{code!r}]: rows {unused[:5]} are used by no kernel; number rows "
+                "0 .. n_rows-1 without gaps"
+            )
+        if not torch.equal(rows, torch.arange(len(rows))):
+            out[code] = rows
+    return out
+
+
+def _representatives(magnitude: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """``(n_rows,)``: per row, the position (in ``rows``) of its first kernel of largest
+    ``magnitude``."""
+    best = magnitude.new_zeros(n_rows).scatter_reduce(
+        0, rows, magnitude, "amax", include_self=False
+    )
+    position = torch.arange(len(rows), device=rows.device)
+    candidate = torch.where(magnitude == best[rows], position, len(rows))
+    return candidate.new_full((n_rows,), len(rows)).scatter_reduce(
+        0, rows, candidate, "amin", include_self=True
+    )
 
 
 def _assignment_codes(assignment: str | Sequence[str], n_kernels: int) -> list[str]:

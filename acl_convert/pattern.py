@@ -18,7 +18,8 @@ A code may appear more than once (``G10P5G10``); runs are kept in order, never m
 
 The compact factor (Eq. 25) is ``1 - (learnable kernel parameters) / (Co * Ci/groups * h * w)``:
 an analytic kernel contributes its AKPs plus one for a gain and one for an offset where present,
-a plain kernel ``h * w``; the bias is excluded (SPEC §3).
+a plain kernel ``h * w``; the bias is excluded (SPEC §3). Kernels sharing one row of AKPs
+(channel-tied ACKs, :func:`compact_factor_tied`) count those AKPs once.
 
 >>> parse("(3x64)G30Lg15Lt15Tf36P96")
 [('G', 30), ('Lg', 15), ('Lt', 15), ('Tf', 36), ('P', 96)]
@@ -52,6 +53,7 @@ __all__ = [
     "format_ratios",
     "params_per_kernel",
     "compact_factor_counts",
+    "compact_factor_tied",
     "compact_factor",
 ]
 
@@ -557,6 +559,41 @@ def compact_factor_counts(
     if n_kernels == 0:
         raise ValueError("compact factor of a layer with no kernels is undefined")
     used = sum(int(n) * params_per_kernel(c, h, w, gain, offset) for c, n in items)
+    return 1.0 - used / (n_kernels * h * w)
+
+
+def compact_factor_tied(
+    items: Iterable[tuple[str, int, int]],
+    h: int,
+    w: int,
+    gain: bool = False,
+    offset: bool = False,
+) -> float:
+    """Eq. 25 when kernels may share AKPs: ``(code, kernels, rows)`` items, where the ``kernels``
+    ACKs of family ``code`` use ``rows`` distinct rows of AKPs (``rows == kernels`` untied;
+    one row per tied output channel). A row's AKPs count once, a gain and an offset count per
+    kernel where present; Mean and Plain kernels count as in :func:`params_per_kernel`. With
+    every ``rows == kernels`` this is :func:`compact_factor_counts`.
+
+    >>> # (3x64) 7x7 layer, every output channel one Gabor row, gain + offset per kernel:
+    >>> round(compact_factor_tied([("G", 192, 64)], 7, 7, gain=True, offset=True), 4)
+    0.932
+    """
+    _check_hw(h, w)
+    items = [(c, int(n), int(r)) for c, n, r in items]
+    n_kernels = sum(n for _, n, _ in items)
+    if n_kernels == 0:
+        raise ValueError("compact factor of a layer with no kernels is undefined")
+    used = 0
+    for code, n, rows in items:
+        fam = kernels.get(code)
+        shared = 0 if fam.plain else fam.param_count(h, w)
+        if n < 0 or not (min(n, 1) <= rows <= n) or (fam.plain and rows != n):
+            raise ValueError(
+                f"family {code!r}: {rows} AKP rows for {n} kernels; need 1 <= rows <= kernels "
+                "(rows == kernels for plain)"
+            )
+        used += n * params_per_kernel(code, h, w, gain, offset) - (n - rows) * shared
     return 1.0 - used / (n_kernels * h * w)
 
 
