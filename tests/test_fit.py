@@ -281,6 +281,78 @@ def test_fitted_akps_are_canonical():
     assert (pf.fit.gain["G"] >= 0).all()
 
 
+# --- opt-in extended families (docs/kernels.md, "Extended families") ----------------------------
+
+#: (h, w, offset) of the extended families' planted sets.
+EXT_CONFIGS = [(7, 7, True), (7, 7, False), (5, 5, True)]
+
+
+def _ext_seed(code: str, h: int, w: int, offset: bool) -> int:
+    return 50_000 + 1000 * kernels.EXTENDED_FAMILIES.index(code) + 100 * h + 10 * w + int(offset)
+
+
+def _assert_canonical(code: str, fit: FitResult, h: int, w: int) -> None:
+    """theta in [0, pi) (Dx too: the gain absorbs the half-turn), Ge's psi in (-pi, pi] with a
+    gain >= 0, and centre offsets inside the refinement's box (half-size + 1 px)."""
+    fam, akp = kernels.get(code), fit.params[code]
+    theta = akp[:, fam.param_names.index("theta")]
+    assert ((theta >= 0) & (theta < math.pi)).all(), code
+    if code == "Ge":
+        assert ((akp[:, 2] > -math.pi) & (akp[:, 2] <= math.pi)).all()
+        assert (fit.gain[code] >= 0).all()
+        assert (akp[:, 5:].abs() <= (max(h, w) - 1) / 2 + 1 + 1e-5).all()
+    positive = [k for k, p in enumerate(fam.params) if p.kind == "positive"]
+    assert (akp[:, positive] > 0).all(), code
+
+
+@pytest.mark.parametrize("code", ["Dx", "Dxx"])
+def test_planted_gaussian_derivatives_reach_noise_level(code):
+    """Two smooth AKPs and the dense two-AKP grid: the planted family is at the noise level for
+    >= 99 %, the paper families' target, pooled over EXT_CONFIGS (300 kernels each). (Measured:
+    100 % on 7x7, 5x5 and 3x3; Dxx on 4x4 with an offset ~96 %, where at sigma ~0.5 theta and
+    pi/2 - theta sample almost alike, as for TGD2nd.)"""
+    own = []
+    for h, w, offset in EXT_CONFIGS:
+        p = plant(code, 300, h, w, offset=offset, seed=_ext_seed(code, h, w, offset))
+        r = fit_kernels(p.noisy, families=[code], offset=offset, device="cpu")
+        _assert_canonical(code, r, h, w)
+        own.append(r.residuals[:, 0])
+    rate = (torch.cat(own) <= 1.5 * NOISE).float().mean().item()
+    assert rate >= 0.99, f"{code}: {rate:.4f}"
+
+
+def test_planted_gabor_ext_reaches_noise_level():
+    """Seven AKPs: planted Ge kernels reach the noise level for >= 95 % with ``starts=4``, pooled
+    over 7x7 with and 5x5 without the offset, for envelopes of sigma >= 0.8 px.
+
+    Measured on 2,000 kernels per size (docs/kernels.md): with the default two starts 95-97 %
+    for sigma >= 0.8 px, but 89 % over Ge's whole initialisation range (sigma >= 0.4 px). The
+    misses are search misses (starting from the planted AKPs reaches the noise level): an
+    envelope under a pixel wide, centred between pixels, changes its sampled shape with the
+    sub-pixel centre, so its basin is narrower than the grid spacing; and a wavelength many
+    times the envelope (a near-Gaussian-derivative) leaves lambda and psi almost free. More
+    starts cure both (starts=8: 96 % over the whole range)."""
+    own = []
+    for h, w, offset in [(7, 7, True), (5, 5, False)]:
+        p = plant("Ge", 600, h, w, offset=offset, seed=_ext_seed("Ge", h, w, offset))
+        keep = p.akp[:, 3] >= 0.8
+        r = fit_kernels(p.noisy[keep], families=["Ge"], offset=offset, device="cpu", starts=4)
+        _assert_canonical("Ge", r, h, w)
+        own.append(r.residuals[:, 0])
+    rate = (torch.cat(own) <= 1.5 * NOISE).float().mean().item()
+    assert len(torch.cat(own)) >= 600 and rate >= 0.95, f"Ge: {rate:.4f}"
+
+
+def test_extended_families_are_opt_in():
+    """The default families stay the paper's six; an extended family is fitted when named."""
+    W = plant("Dx", 8, 5, 5, offset=True, seed=7).noisy
+    assert fit_kernels(W, device="cpu").families == list(PAPER)
+    r = fit_kernels(W, families=[*PAPER, *kernels.EXTENDED_FAMILIES], device="cpu")
+    assert r.families == [*PAPER, "Ge", "Dx", "Dxx"]
+    assert {c: r.param_count(c) for c in kernels.EXTENDED_FAMILIES} == {"Ge": 9, "Dx": 4, "Dxx": 4}
+    assert (r.residuals[:, r.families.index("Dx")] <= 1.5 * NOISE).all()
+
+
 # --- recovered AKPs on noiseless planted kernels -------------------------------------------------
 
 
@@ -541,7 +613,7 @@ def test_kernels_without_room_for_a_fit_are_rejected(shape):
         fit_kernels(torch.randn(*shape), device="cpu")
 
 
-@pytest.mark.parametrize("shape", [(3, 3), (5,), (2, 1, 3, 3)])
+@pytest.mark.parametrize("shape", [(3, 3), (5,), (2, 1, 1, 3, 3)])
 def test_wrong_number_of_dimensions_is_rejected(shape):
     with pytest.raises(ValueError, match=r"\(N, h, w\)"):
         fit_kernels(torch.randn(*shape), device="cpu")

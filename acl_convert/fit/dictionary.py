@@ -20,18 +20,42 @@ from ..kernels import KernelFamily
 
 __all__ = ["Dictionary", "build", "orientation_points", "search_box"]
 
-#: Points per positive (scale) AKP, by the family's number of AKPs: the dictionary stays near a
-#: few thousand atoms, and one- and two-AKP families get a dense enough grid that the best atom
-#: already sits in the global minimum's basin.
-SCALE_POINTS = {1: 96, 2: 16, 3: 12, 4: 8}
-#: Points of a phase axis (psi): the cosine's shape changes slowly with the phase.
-PHASE_POINTS = 6
+#: Points per positive (scale) AKP, by the family's number of AKPs (a count between two keys
+#: takes the lower key's entry): the dictionary stays near a few thousand atoms (below 20,000
+#: for the 7-AKP extended Gabor), and one- and two-AKP families get a dense enough grid that the
+#: best atom already sits in the global minimum's basin.
+SCALE_POINTS = {1: 96, 2: 16, 3: 12, 4: 8, 7: 4}
+#: Points of a dimensionless positive axis (a ratio: Ge's aspect ratio), whatever the count: its
+#: range is one decade, and on planted 7x7 Ge kernels 5 points recover no more than 3.
+RATIO_POINTS = 3
+#: Points of a phase axis (psi), by the family's number of AKPs: the cosine's shape changes
+#: slowly with the phase; with 7 AKPs 4 points recover planted kernels as well as 6.
+PHASE_POINTS = {1: 6, 7: 4}
+#: Points of a real (centre offset) axis, spaced :data:`REAL_STEP` px apart around 0. A centre
+#: grid of one point ({0}) loses 5 % of planted 7x7 Ge kernels; 5 points 0.75 px apart gain
+#: about 1 % at 2.8x the atoms.
+REAL_POINTS = 3
+REAL_STEP = 1.0
+
+
+def _by_count(table: dict[int, int], family: KernelFamily) -> int:
+    return table[max(c for c in table if c <= len(family.params))]
+
+
+def _real_bound(h: int, w: int) -> float:
+    """Largest |value| of a real AKP (a centre offset, px) in refinement: the kernel's half-size
+    plus a pixel. Further out only the envelope's tail is sampled, which a larger scale mimics."""
+    return (max(h, w) - 1) / 2 + 1.0
+
 
 # Scales searched, in pixels: from below a pixel up to about the kernel's extent. The refinement
 # may leave this range; it only has to contain good starting points.
 _SCALE_RANGE = {
     "lambda": lambda e: (1.4, max(4.0, 3.0 * e)),
     "default": lambda e: (0.35, max(2.0, 3.0 * e)),
+    # A dimensionless positive AKP (unit "1") is a ratio, not a length: Ge's aspect ratio gamma
+    # (TGD2nd's gamma is a length, so the name cannot be the key).
+    "ratio": lambda e: (0.3, 3.0),
 }
 
 
@@ -40,12 +64,16 @@ def orientation_points(family: KernelFamily, h: int, w: int) -> int:
     grows with the kernel; a non-smooth family (TGD1st's sign) gets no help from gradients and
     half as many points again. Families with at most two AKPs have tiny dictionaries and get a
     dense grid whatever the size: on 3x3 and 4x4 kernels TGD2nd's |x'| makes the orientation
-    objective piecewise, with many local minima."""
+    objective piecewise, with many local minima. A family with more than four AKPs (the extended
+    Gabor) multiplies the grid by its extra axes, so it gets half the points: on planted 7x7 Ge
+    kernels 10 orientations recover as many as 21."""
     if len(family.params) <= 2:
         return 48
     n = 3 * max(h, w)
     if not family.smooth:
         n = n * 3 // 2
+    if len(family.params) > 4:
+        n //= 2
     return int(min(40, max(8, n)))
 
 
@@ -55,12 +83,15 @@ def search_box(family: KernelFamily, h: int, w: int) -> tuple[Tensor, Tensor]:
     shape (a Gabor with huge wavelength is a Gaussian derivative), and the gain and offset that
     rescale the nearly flat kernel grow like scale^2, until float32 storage loses the shape to
     cancellation. Measured on SqueezeNet conv1: 64x loses nothing against no bound, 16x costs
-    0.003 of median Gabor residual. Angles are free (infinite bounds)."""
+    0.003 of median Gabor residual. Real AKPs (Ge's centre offsets) stay within the kernel's
+    half-size + 1 px (:func:`_real_bound`). Angles are free (infinite bounds)."""
     lo = torch.full((len(family.params),), -math.inf, dtype=torch.float64)
     hi = torch.full((len(family.params),), math.inf, dtype=torch.float64)
     for k, p in enumerate(family.params):
         if p.kind == "positive":
             lo[k], hi[k] = math.log(0.1), math.log(64.0 * max(h, w))
+        elif p.kind == "real":
+            lo[k], hi[k] = -_real_bound(h, w), _real_bound(h, w)
     return lo, hi
 
 
@@ -71,34 +102,67 @@ class Dictionary:
         u: ``(K, P)`` unconstrained AKPs of the atoms.
         atoms: ``(K, h*w)`` projected (centred if ``offset``) atoms of unit L2 norm; atoms whose
             projection vanishes (e.g. a constant under centring) are zero and never win.
+        raw: ``(K, h*w)`` the atoms as sampled, for scoring under an activation-weighted norm.
     """
 
-    def __init__(self, u: Tensor, atoms: Tensor) -> None:
+    def __init__(self, u: Tensor, atoms: Tensor, raw: Tensor | None = None) -> None:
         self.u = u
         self.atoms = atoms
+        self.raw = atoms if raw is None else raw
 
     def best(self, w_proj: Tensor, k: int = 1, chunk: int = 4096) -> Tensor:
         """Indices ``(N, k)`` of the ``k`` atoms best correlated (in absolute value, since the gain
-        takes any sign) with the projected kernels ``w_proj`` of shape ``(N, h*w)``."""
+        takes any sign) with the projected kernels ``w_proj`` of shape ``(N, h*w)``, or summed
+        over the channels of stacks ``(N, T, h*w)`` that share an atom (squared correlations
+        add, since each channel has its own gain)."""
         out = []
         for start in range(0, w_proj.shape[0], chunk):
-            scores = (w_proj[start : start + chunk] @ self.atoms.T).abs_()
+            part = w_proj[start : start + chunk]
+            if part.ndim == 2:
+                scores = (part @ self.atoms.T).abs_()
+            else:
+                scores = ((part @ self.atoms.T) ** 2).sum(1)
             out.append(scores.topk(k, dim=1).indices)
         return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=w_proj.device)
+
+    def best_weighted(self, w_proj: Tensor, proj: Tensor, group: Tensor, k: int = 1) -> Tensor:
+        """Like :meth:`best` under per-channel projectors (see :mod:`.metric`).
+
+        Args:
+            w_proj: ``(N, T, n)`` kernels already projected by their channel's projector.
+            proj: ``(G, n, n)`` projectors, one per input channel (group).
+            group: ``(N, T)`` long, the projector of every kernel channel.
+
+        Each group's atoms are projected and normalised once; the score of an atom is the sum
+        over a kernel's channels of its squared correlation, i.e. the cost it removes."""
+        n_k = self.raw.shape[0]
+        scores = w_proj.new_zeros(w_proj.shape[0], n_k)
+        for g in torch.unique(group).tolist():
+            rows, chans = torch.nonzero(group == g, as_tuple=True)
+            atoms = self.raw @ proj[g].T
+            norm = atoms.norm(dim=1, keepdim=True)
+            atoms = torch.where(norm > 1e-9, atoms / norm.clamp_min(1e-30), 0.0)
+            scores.index_add_(0, rows, (w_proj[rows, chans] @ atoms.T).square_())
+        return scores.topk(min(k, n_k), dim=1).indices
 
 
 def _axis(family: KernelFamily, k: int, h: int, w: int, shift: float) -> Tensor:
     p = family.params[k]
     if p.kind == "positive":
-        lo, hi = _SCALE_RANGE.get(p.name, _SCALE_RANGE["default"])(max(h, w))
-        n = SCALE_POINTS[min(len(family.params), max(SCALE_POINTS))]
+        ratio = p.unit == "1"
+        lo, hi = _SCALE_RANGE.get("ratio" if ratio else p.name, _SCALE_RANGE["default"])(max(h, w))
+        n = RATIO_POINTS if ratio else _by_count(SCALE_POINTS, family)
         steps = (torch.arange(n, dtype=torch.float64) + shift) / n
         return math.log(lo) + steps * (math.log(hi) - math.log(lo))
+    if p.kind == "real":
+        # Unshifted and symmetric about 0: a centred kernel must have an atom at offset 0.
+        return (torch.arange(REAL_POINTS, dtype=torch.float64) - (REAL_POINTS - 1) / 2) * REAL_STEP
     # With a gain of either sign, pi-periodicity covers every orientation and phase: theta + pi
-    # and psi + pi are a sign flip (Gabor, TGD1st) or the same kernel (TGD2nd).
-    n = orientation_points(family, h, w) if p.name.startswith("theta") else PHASE_POINTS
+    # and psi + pi are a sign flip (Gabor, TGD1st, Dx) or the same kernel (TGD2nd, Dxx).
+    theta = p.name.startswith("theta")
+    n = orientation_points(family, h, w) if theta else _by_count(PHASE_POINTS, family)
     axis = (torch.arange(n, dtype=torch.float64) + shift) * (math.pi / n)
-    if p.name.startswith("theta") and not family.smooth:
+    if theta and not family.smooth:
         # A non-smooth family can have kernels that exist only at exact angles: TGD1st's dead
         # band |x'| <= delta zeroes a whole row, column or diagonal of pixels only within delta
         # of the axis (a Sobel/Prewitt-like kernel). No shifted grid point lands there and no
@@ -117,12 +181,17 @@ def _build_cached(
     shifts = torch.rand(len(family.params), generator=gen, dtype=torch.float64).tolist()
     axes = [_axis(family, k, h, w, shifts[k]) for k in range(len(family.params))]
     u = torch.cartesian_prod(*axes) if len(axes) > 1 else axes[0][:, None]
-    atoms = family(family.from_unconstrained(u), h, w).reshape(len(u), h * w)
+    raw = family(family.from_unconstrained(u), h, w).reshape(len(u), h * w)
+    atoms = raw
     if offset:
         atoms = atoms - atoms.mean(1, keepdim=True)
     norm = atoms.norm(dim=1, keepdim=True)
     atoms = torch.where(norm > 1e-9, atoms / norm.clamp_min(1e-30), torch.zeros_like(atoms))
-    return Dictionary(u.to(device=device, dtype=dtype), atoms.to(device=device, dtype=dtype))
+    return Dictionary(
+        u.to(device=device, dtype=dtype),
+        atoms.to(device=device, dtype=dtype),
+        raw.to(device=device, dtype=dtype),
+    )
 
 
 def build(

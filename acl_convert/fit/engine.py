@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from . import dictionary, lm
+from . import dictionary, lm, metric
 from .result import FitResult
 
 __all__ = ["fit_kernels", "resolve_device", "DEFAULT_MEMORY"]
@@ -83,6 +83,8 @@ def fit_kernels(
     device: str | torch.device | None = None,
     seed: int = 0,
     *,
+    moments: Tensor | None = None,
+    channel: Tensor | None = None,
     starts: int = 2,
     max_iter: int = 30,
     memory: int = DEFAULT_MEMORY,
@@ -92,16 +94,24 @@ def fit_kernels(
     """Fit every kernel to every family by least squares (SPEC §4).
 
     Minimises ``|W - g f(AKPs) - b|^2`` per kernel and family, with ``g`` and ``b`` in closed
-    form (``b = 0`` when ``offset`` is False).
+    form (``b = 0`` when ``offset`` is False). With ``moments`` the squared error is weighted by
+    the input patches' second moment instead, ``e^T S e`` (the expected squared output error the
+    kernel adds, see :mod:`.metric`): the AKPs, gain and offset are all fitted under that norm.
 
     Args:
-        W: kernels ``(N, h, w)``, any N >= 0, ``h*w >= 2``; finite values.
+        W: kernels ``(N, h, w)``, any N >= 0, ``h*w >= 2``; finite values. Stacks
+            ``(N, T, h, w)`` are channel-tied: the ``T`` kernels of a stack share one family and
+            one set of AKPs, each with its own gain and offset.
         families: codes or names of the families to fit (default: the paper's six).
         offset: fit a constant offset ``b`` too (SPEC §2); False gives the paper's pure ACKs
             (with a gain).
         device: ``"auto"``/None (GPU if present), ``"cpu"``, ``"cuda[:n]"``.
         seed: seeds the random shift of the initialisation grid; the same seed on the same device
             gives identical results.
+        moments: ``(C, h*w, h*w)`` uncentred second moments of the input patches of ``C`` input
+            channels, in the kernels' flattening order; None fits the plain residual.
+        channel: ``(N,)`` (or ``(N, T)`` for stacks) long, the input channel (row of
+            ``moments``) each kernel reads; required with ``moments`` unless ``C == 1``.
         starts: how many of the best dictionary atoms of each kernel are refined.
         max_iter: Levenberg-Marquardt iterations at most (kernels stop earlier when converged).
         memory: working-memory budget per chunk in bytes; bigger chunks are faster on a GPU.
@@ -110,41 +120,50 @@ def fit_kernels(
 
     Returns:
         A :class:`FitResult` on the CPU, with results in the dtype of ``W`` (float32 if it was not
-        floating point).
+        floating point). Gains and offsets are ``(N,)``, or ``(N, T)`` for stacks.
     """
-    W = _check_input(W)
+    tied = isinstance(W, Tensor) and W.ndim == 4
+    W = _check_input(W.flatten(0, 1)).view(W.shape) if tied else _check_input(W)
     codes = _resolve_families(families)
     dev = resolve_device(device)
     if starts < 1:
         raise ValueError(f"starts must be >= 1, got {starts}")
-    n_kernels, h, w = W.shape
+    stack = W if tied else W[:, None]
+    n_kernels, n_chan, h, w = stack.shape
     n = h * w
-    flat = W.reshape(n_kernels, n).to(dev, dtype)
-    norms = flat.norm(dim=1)
-    zero = norms == 0
-    unit = flat / torch.where(zero, torch.ones_like(norms), norms)[:, None]
+    flat = stack.reshape(n_kernels, n_chan, n).to(dev, dtype)
+    factors, group, scale = _metric(moments, channel, n_kernels, n_chan, n, dev, dtype)
+    a = None if factors is None else factors[group]  # (N, T, n, n)
+    plain_norm = flat.square().sum((1, 2)).sqrt()
+    norms = plain_norm if a is None else lm.apply(flat, a, False).square().sum((1, 2)).sqrt()
+    zero = plain_norm == 0
+    unit = flat / torch.where(zero, torch.ones_like(norms), norms)[:, None, None]
 
     residuals = torch.zeros(n_kernels, len(codes), dtype=dtype, device=dev)
+    weighted = torch.zeros_like(residuals)
     # AKPs pass through both the working and the output dtype: the coarser one is what is kept.
     store = min(dtype, W.dtype, key=lambda t: torch.finfo(t).bits)
     params, gains, offsets = {}, {}, {}
     for col, code in enumerate(codes):
         fam = kernels.get(code)
         n_akp = fam.num_params
-        # Bytes per kernel in refinement: value, Jacobian and a few temporaries per start.
-        per_kernel = starts * n * (n_akp + 8) * 8 * torch.finfo(dtype).bits // 8
+        # Bytes per kernel in refinement: value, Jacobian and a few temporaries per start, and
+        # the projector of every channel under a metric.
+        per_kernel = starts * n * (n_akp + 8 + (n_chan * n if a is not None else 0)) * 8
+        per_kernel = per_kernel * torch.finfo(dtype).bits // 8 * n_chan
         chunk = max(256, min(1 << 20, memory // max(per_kernel, 1)))
         akp_out = torch.zeros(n_kernels, n_akp, dtype=dtype, device=dev)
-        gain_out = torch.zeros(n_kernels, dtype=dtype, device=dev)
-        off_out = torch.zeros(n_kernels, dtype=dtype, device=dev)
+        gain_out = torch.zeros(n_kernels, n_chan, dtype=dtype, device=dev)
+        off_out = torch.zeros(n_kernels, n_chan, dtype=dtype, device=dev)
         book = (
             dictionary.build(fam, h, w, offset=offset, seed=seed, device=dev, dtype=dtype)
             if n_akp
             else None
         )
+        proj_groups = None if factors is None else metric.projector(factors, offset)
         for lo in range(0, n_kernels, chunk):
             hi = min(lo + chunk, n_kernels)
-            akp, cost, g, b = _fit_chunk(
+            akp, cost_w, cost_p, g, b = _fit_chunk(
                 fam,
                 book,
                 unit[lo:hi],
@@ -154,26 +173,81 @@ def fit_kernels(
                 starts=starts,
                 max_iter=max_iter,
                 store_dtype=store,
+                factor=None if a is None else a[lo:hi],
+                proj_groups=proj_groups,
+                group=None if group is None else group[lo:hi],
             )
-            residuals[lo:hi, col] = cost.sqrt()
+            unit_norm = unit[lo:hi].square().sum((1, 2)).sqrt().clamp_min(1e-30)
+            residuals[lo:hi, col] = cost_p.sqrt() / unit_norm
+            weighted[lo:hi, col] = cost_w.sqrt()
             akp_out[lo:hi] = akp
-            gain_out[lo:hi] = g * norms[lo:hi]
-            off_out[lo:hi] = b * norms[lo:hi]
+            gain_out[lo:hi] = g * norms[lo:hi, None]
+            off_out[lo:hi] = b * norms[lo:hi, None]
             if progress is not None:
                 progress(code, hi - lo)
         params[code], gains[code], offsets[code] = akp_out, gain_out, off_out
     # An all-zero kernel is matched exactly by every family with gain 0 (SPEC §4).
     residuals[zero] = 0
+    weighted[zero] = 0
     out_dtype = W.dtype
+
+    def out(t: Tensor) -> Tensor:
+        return (t if tied else t[:, 0]).to("cpu", out_dtype)
+
+    if a is None:
+        energy = plain_norm.square().to("cpu", torch.float64)
+    else:
+        # E[(w . x)^2] per kernel in the layer's units (summed over a stack's channels).
+        per_chan = lm.apply(flat, a, False).square().sum(-1) * scale[group]
+        energy = per_chan.sum(1).to("cpu", torch.float64)
     return FitResult(
         families=codes,
         residuals=residuals.to("cpu", out_dtype),
         params={c: v.to("cpu", out_dtype) for c, v in params.items()},
-        gain={c: v.to("cpu", out_dtype) for c, v in gains.items()},
-        offset={c: v.to("cpu", out_dtype) for c, v in offsets.items()},
+        gain={c: out(v) for c, v in gains.items()},
+        offset={c: out(v) for c, v in offsets.items()},
         kernel_size=(h, w),
         offset_enabled=bool(offset),
+        weighted=None if a is None else weighted.to("cpu", out_dtype),
+        energy=energy,
+        channels=n_chan if tied else None,
     )
+
+
+def _metric(
+    moments: Tensor | None,
+    channel: Tensor | None,
+    n_kernels: int,
+    n_chan: int,
+    n: int,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Factors ``(C, n, n)``, the channel of every kernel ``(N, T)`` and the moments' scales
+    ``(C,)``; all None without moments."""
+    if moments is None:
+        if channel is not None:
+            raise ValueError("channel only means something together with moments")
+        return None, None, None
+    if moments.ndim != 3 or tuple(moments.shape[1:]) != (n, n):
+        raise ValueError(
+            f"moments must have shape (C, {n}, {n}) for {n}-pixel kernels, "
+            f"got {tuple(moments.shape)}"
+        )
+    if not bool(torch.isfinite(moments).all()):
+        raise ValueError("moments contain NaN or Inf values")
+    if channel is None:
+        if moments.shape[0] != 1:
+            raise ValueError(f"{moments.shape[0]} moments given: say each kernel's with channel")
+        channel = torch.zeros(n_kernels, n_chan, dtype=torch.long)
+    channel = torch.as_tensor(channel, dtype=torch.long)
+    channel = channel.reshape(n_kernels, n_chan) if channel.numel() == n_kernels * n_chan else None
+    if channel is None:
+        raise ValueError(f"channel must have one entry per kernel ({n_kernels} x {n_chan})")
+    if n_kernels and (int(channel.min()) < 0 or int(channel.max()) >= moments.shape[0]):
+        raise ValueError(f"channel values must lie in [0, {moments.shape[0]})")
+    factors, scale = metric.factor(moments.to(dev, torch.float64))
+    return factors.to(dtype), channel.to(dev), scale.to(dtype)
 
 
 def _fit_chunk(
@@ -187,21 +261,31 @@ def _fit_chunk(
     starts: int,
     max_iter: int,
     store_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fit unit-norm kernels ``(C, n)``; returns canonical AKPs ``(C, P)``, squared relative
-    residual ``(C,)``, gain and offset ``(C,)`` for the unit-norm kernels."""
-    n_chunk, n = unit.shape
+    factor: Tensor | None = None,
+    proj_groups: Tensor | None = None,
+    group: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fit normalised kernel stacks ``(C, T, n)``; returns canonical AKPs ``(C, P)``, squared
+    residuals ``(C,)`` under the objective's norm and the plain one, and gain and offset
+    ``(C, T)`` for the normalised kernels. ``factor`` ``(C, T, n, n)`` is every channel's metric
+    factor, ``proj_groups`` ``(G, n, n)`` the projectors and ``group`` ``(C, T)`` which one."""
+    n_chunk, n_chan, n = unit.shape
+    exact = unit.double()
+    a64 = None if factor is None else factor.double()
     if book is None:
-        # No AKPs (Mean): the fit is the kernel's mean; carried by the gain alone, since a
-        # constant kernel with a gain needs no separate offset (SPEC §4).
-        atom = torch.full((n,), n**-0.5, dtype=unit.dtype, device=unit.device)
-        gain = unit @ atom
-        resid = unit - gain[:, None] * atom
-        return unit.new_zeros(n_chunk, 0), (resid * resid).sum(1), gain, torch.zeros_like(gain)
-    w_t = lm.project(unit, offset)
+        # No AKPs (Mean): a constant kernel carried by the gain alone, since a constant kernel
+        # with a gain needs no separate offset (SPEC §4).
+        akp = unit.new_zeros(n_chunk, 0, dtype=torch.float64)
+        gain, b, cost_w, cost_p = _linear_fit(fam, akp, exact, h, w, False, a64)
+        return akp.to(unit.dtype), *(t.to(unit.dtype) for t in (cost_w, cost_p, gain, b))
+    proj = None if factor is None else proj_groups[group]
+    w_t = lm.apply(unit, proj, offset)
     # Gradients cannot carry a non-smooth family's fit across its jumps: more starts instead.
     k = min(starts if fam.smooth else 2 * starts, book.u.shape[0])
-    idx = book.best(w_t, k)  # (C, k)
+    if proj is None:
+        idx = book.best(w_t[:, 0] if n_chan == 1 else w_t, k)  # (C, k)
+    else:
+        idx = book.best_weighted(w_t, proj_groups, group, k)
     u0 = book.u[idx.reshape(-1)]
     bounds = tuple(b.to(unit) for b in dictionary.search_box(fam, h, w))
     u, cost = lm.refine(
@@ -213,32 +297,52 @@ def _fit_chunk(
         offset=offset,
         bounds=bounds,
         max_iter=max_iter,
+        proj=None if proj is None else proj.repeat_interleave(k, 0),
     )
     pick = cost.view(n_chunk, k).argmin(1)
     rows = torch.arange(n_chunk, device=unit.device) * k + pick
-    exact = unit.double()
     akp = fam.from_unconstrained(u[rows].double())
     # Canonical ranges (SPEC §2) need the gain's sign; then the AKPs are rounded to the dtype
     # they are stored in, and gain, offset and residual are solved again, in float64, for
     # exactly those AKPs: the reported residual is that of the kernel the ACL will synthesise
     # (a near-flat kernel has a large gain, which magnifies any rounding of its AKPs).
-    gain, _, _ = _linear_fit(fam, akp, exact, h, w, offset)
-    akp, gain = fam.canonicalize(akp, gain)
+    gain = _linear_fit(fam, akp, exact, h, w, offset, a64)[0]
+    # A stack's channels share the AKPs, so one gain sign decides the fold: the largest one's.
+    lead = gain.gather(1, gain.abs().argmax(1, keepdim=True))[:, 0]
+    akp, lead_new = fam.canonicalize(akp, lead)
     # Rounding can push an angle just past its range (float32(pi) > pi): fold once more, with
     # the gain that goes with the folded AKPs.
-    akp = fam.canonicalize(akp.to(store_dtype).double(), gain)[0].to(store_dtype).double()
-    gain, b, cost = _linear_fit(fam, akp, exact, h, w, offset)
-    return akp.to(unit.dtype), cost.to(unit.dtype), gain.to(unit.dtype), b.to(unit.dtype)
+    akp = fam.canonicalize(akp.to(store_dtype).double(), lead_new)[0].to(store_dtype).double()
+    gain, b, cost_w, cost_p = _linear_fit(fam, akp, exact, h, w, offset, a64)
+    return akp.to(unit.dtype), *(t.to(unit.dtype) for t in (cost_w, cost_p, gain, b))
 
 
 def _linear_fit(
-    fam: kernels.KernelFamily, akp: Tensor, w: Tensor, h: int, kw: int, offset: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Least-squares gain and offset ``(C,)`` of kernels ``w`` ``(C, n)`` for fixed AKPs, and the
-    squared residual ``(C,)``, recomputed from the reconstruction (the shortcut
-    ``|w|^2 - g<w, f>`` cancels badly near 0)."""
+    fam: kernels.KernelFamily,
+    akp: Tensor,
+    w: Tensor,
+    h: int,
+    kw: int,
+    offset: bool,
+    factor: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Least-squares gain and offset ``(C, T)`` of kernel stacks ``w`` ``(C, T, n)`` for fixed
+    AKPs, and the squared residual ``(C,)`` under the metric (``factor`` ``(C, T, n, n)``, or
+    plain) and plain, recomputed from the reconstruction (the shortcut ``|w|^2 - g<w, f>``
+    cancels badly near 0)."""
     f = fam(akp, h, kw).reshape(len(w), -1)
-    gain, _ = lm.solve_linear(lm.project(w, offset), lm.project(f, offset))
-    b = (w - gain[:, None] * f).mean(1) if offset else torch.zeros_like(gain)
-    resid = w - gain[:, None] * f - b[:, None]
-    return gain, b, (resid * resid).sum(1)
+    proj = None if factor is None else metric.projector(factor, offset)
+    gain, _ = lm.solve_linear(lm.apply(w, proj, offset), lm.apply(f, proj, offset))
+    left = w - gain[..., None] * f[:, None, :]
+    if not offset:
+        b = torch.zeros_like(gain)
+    elif factor is None:
+        b = left.mean(-1)
+    else:
+        # The best offset under the metric: project A(w - g f) on the offset's direction A 1.
+        q = metric.offset_direction(factor)  # (C, T, n)
+        b = (lm.apply(left, factor, False) * q).sum(-1) / q.square().sum(-1).clamp_min(1e-30)
+    resid = left - b[..., None]
+    cost_p = resid.square().sum((1, 2))
+    cost_w = cost_p if factor is None else lm.apply(resid, factor, False).square().sum((1, 2))
+    return gain, b, cost_w, cost_p

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..kernels import KernelFamily
 
-__all__ = ["project", "solve_linear", "refine", "with_jacobian"]
+__all__ = ["project", "apply", "solve_linear", "refine", "with_jacobian"]
 
 _TINY = 1e-20
 #: Central-difference step in unconstrained AKP units (radians, or log-scale for positive AKPs).
@@ -75,6 +75,29 @@ def with_jacobian(family: KernelFamily, u: Tensor, h: int, w: int) -> tuple[Tens
     return values[0], jac.permute(1, 2, 0)
 
 
+def apply(x: Tensor, proj: Tensor | None, offset: bool) -> Tensor:
+    """Project values shared by a kernel's channels, ``(N, n)``, or per channel, ``(N, T, n)``,
+    into the space where the residual is measured: ``(N, T, n)``, or ``(N, 1, n)`` when the
+    projection is the same for every channel (no ``proj``).
+
+    Without ``proj`` that is the plain objective (centring when the offset is on). With ``proj``
+    ``(N, T, n, n)``, row ``M`` of a channel makes ``|M r|^2`` the activation-weighted squared
+    residual with the offset already minimised out (see :mod:`.metric`)."""
+    if proj is None:
+        x = project(x, offset)
+        return x if x.ndim == 3 else x[:, None, :]
+    if x.ndim == 2:
+        return torch.einsum("ntij,nj->nti", proj, x)
+    return torch.einsum("ntij,ntj->nti", proj, x)
+
+
+def _apply_jacobian(jac: Tensor, proj: Tensor | None, offset: bool) -> Tensor:
+    """``df/du`` ``(N, n, P)`` projected like :func:`apply`: ``(N, T or 1, n, P)``."""
+    if proj is None:
+        return (jac - jac.mean(1, keepdim=True) if offset else jac)[:, None]
+    return torch.einsum("ntij,njp->ntip", proj, jac)
+
+
 def refine(
     family: KernelFamily,
     w: Tensor,
@@ -86,18 +109,24 @@ def refine(
     bounds: tuple[Tensor, Tensor] | None = None,
     max_iter: int = 30,
     rtol: float = RTOL,
+    proj: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Refine unconstrained AKPs ``u`` ``(N, P)`` for kernels ``w`` ``(N, h*kw)``.
+    """Refine unconstrained AKPs ``u`` ``(N, P)`` for kernels ``w`` ``(N, h*kw)``, or for stacks
+    ``(N, T, h*kw)`` of ``T`` kernels that share their AKPs but each have their own gain and
+    offset (channel-tied ACKs); the cost is then the sum over the stack.
 
     ``bounds`` (``(P,)`` lower and upper) box the steps; a step that leaves the box is cut back
-    to it. Returns the refined ``u`` and the squared residual ``(N,)`` of each kernel under the
-    variable-projection objective. The cost never increases (a step is only taken when it lowers
-    the true cost), so a non-smooth family cannot make a start worse.
+    to it. ``proj`` ``(N, T, n, n)`` replaces the plain residual by an activation-weighted one
+    (see :func:`apply`). Returns the refined ``u`` and the squared residual ``(N,)`` of each
+    kernel under the variable-projection objective. The cost never increases (a step is only
+    taken when it lowers the true cost), so a non-smooth family cannot make a start worse.
     """
-    w_t = project(w, offset)
+    if w.ndim == 2:
+        w = w[:, None, :]
+    w_t = apply(w, proj, offset)
     u = u.clone()
     f = _evaluate(family, u, h, kw)
-    _, cost = solve_linear(w_t, project(f, offset))
+    cost = solve_linear(w_t, apply(f, proj, offset))[1].sum(-1)
     damping = torch.full_like(cost, 1e-3)
     active = torch.arange(len(u), device=u.device)
     eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
@@ -105,16 +134,17 @@ def refine(
         if active.numel() == 0:
             break
         ua, wa, ca, lam = u[active], w_t[active], cost[active], damping[active]
+        pa = None if proj is None else proj[active]
         fa, jac = with_jacobian(family, ua, h, kw)
-        fa, jac = project(fa, offset), project(jac.transpose(1, 2), offset).transpose(1, 2)
-        gain, _ = solve_linear(wa, fa)
-        ff = (fa * fa).sum(-1, keepdim=True).clamp_min(_TINY)
+        fa, jac = apply(fa, pa, offset), _apply_jacobian(jac, pa, offset)
+        gain, _ = solve_linear(wa, fa)  # (Na, T)
+        ff = (fa * fa).sum(-1).clamp_min(_TINY)[..., None, None]
         # Kaufman: the part of dF/du along F itself is absorbed by the gain.
-        jac = jac - fa[:, :, None] * ((fa[:, :, None] * jac).sum(1, keepdim=True) / ff[:, :, None])
-        jac = -gain[:, None, None] * jac
-        resid = wa - gain[:, None] * fa
-        jtj = jac.transpose(1, 2) @ jac
-        jtr = (jac.transpose(1, 2) @ resid[:, :, None])[:, :, 0]
+        jac = jac - fa[..., None] * ((fa[..., None] * jac).sum(-2, keepdim=True) / ff)
+        jac = -gain[..., None, None] * jac  # (Na, T, n, P)
+        resid = wa - gain[..., None] * fa
+        jtj = torch.einsum("ntip,ntiq->npq", jac, jac)
+        jtr = torch.einsum("ntip,nti->np", jac, resid)
         # Marquardt's scaling by diag(J^T J) makes the damping invariant to AKP units; the small
         # identity term keeps flat directions (e.g. a decayed envelope) solvable.
         diag = torch.diagonal(jtj, dim1=1, dim2=2)
@@ -124,7 +154,8 @@ def refine(
         u_new = ua + step
         if bounds is not None:
             u_new = torch.maximum(torch.minimum(u_new, bounds[1]), bounds[0])
-        _, c_new = solve_linear(wa, project(_evaluate(family, u_new, h, kw), offset))
+        f_new = apply(_evaluate(family, u_new, h, kw), pa, offset)
+        c_new = solve_linear(wa, f_new)[1].sum(-1)
         better = c_new < ca
         u[active] = torch.where(better[:, None], u_new, ua)
         cost[active] = torch.where(better, c_new, ca)
@@ -132,7 +163,7 @@ def refine(
         # A kernel is done when an accepted step lowers its cost by less than the fraction
         # ``rtol`` (relative to the cost itself, so fits at the noise level still polish), when
         # no step helps at any sensible damping, or when the fit is exact.
-        scale = (wa * wa).sum(-1).clamp_min(_TINY)
+        scale = (wa * wa).sum((-2, -1)).clamp_min(_TINY)
         gained = (ca - torch.where(better, c_new, ca)) / ca.clamp_min(_TINY)
         done = (better & (gained < rtol)) | (~better & (lam > _GIVE_UP)) | (c_new / scale < 1e-12)
         active = active[~done]

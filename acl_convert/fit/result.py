@@ -45,6 +45,14 @@ class FitResult:
             whose constant is carried by the gain).
         kernel_size: ``(h, w)``.
         offset_enabled: whether offsets were fitted.
+        weighted: ``(N, F)`` activation-weighted relative residual ``sqrt(e^T S e / w^T S w)``
+            (the share of the kernel's output it gets wrong on the calibration inputs), or None
+            when fitted without input moments; the fit minimised this one then.
+        energy: ``(N,)`` float64 output energy ``w^T S w`` of each kernel (``|w|^2``, i.e.
+            white inputs, without moments); ``residual**2 * energy`` is the squared output error
+            a family adds.
+        channels: ``T`` for channel-tied stacks (gains and offsets are then ``(N, T)`` and a row
+            is one output channel), None for single kernels.
     """
 
     families: list[str]
@@ -54,44 +62,71 @@ class FitResult:
     offset: dict[str, Tensor]
     kernel_size: tuple[int, int]
     offset_enabled: bool
+    weighted: Tensor | None = None
+    energy: Tensor | None = None
+    channels: int | None = None
 
     def __len__(self) -> int:
         return self.residuals.shape[0]
 
     def param_count(self, code: str) -> int:
-        """Learnable values of one converted kernel of family ``code``: AKPs + gain (+ offset)."""
+        """Learnable values of one converted row of family ``code``: AKPs + gain (+ offset), and
+        for a channel-tied stack the AKPs once plus a gain (and offset) per channel."""
         h, w = self.kernel_size
-        return pattern.params_per_kernel(code, h, w, gain=True, offset=self.offset_enabled)
+        per = pattern.params_per_kernel(code, h, w, gain=True, offset=self.offset_enabled)
+        if self.channels is None:
+            return per
+        n_akp = kernels.get(code).num_params
+        return n_akp + (per - n_akp) * self.channels
+
+    def plain_count(self) -> int:
+        """Values of one row left plain: ``h*w``, times ``T`` for a stack."""
+        h, w = self.kernel_size
+        return h * w * (self.channels or 1)
 
     def eligible(self) -> Tensor:
-        """``(F,)`` bool: a family only saves parameters when it needs fewer than ``h*w``."""
-        h, w = self.kernel_size
-        return torch.tensor([self.param_count(c) < h * w for c in self.families])
+        """``(F,)`` bool: a family only saves parameters when it needs fewer than plain."""
+        return torch.tensor([self.param_count(c) < self.plain_count() for c in self.families])
+
+    def measure(self, on: str = "plain") -> Tensor:
+        """``(N, F)`` relative residuals: ``plain`` (L2 of the kernel) or ``output``
+        (activation-weighted, only when fitted with input moments)."""
+        if on == "plain":
+            return self.residuals
+        if on == "output":
+            if self.weighted is None:
+                raise ValueError("output residuals need a fit with input moments (--calibration)")
+            return self.weighted
+        raise ValueError(f"residual must be 'plain' or 'output', got {on!r}")
 
     def fitted(self, code: str) -> Tensor:
-        """The fitted kernels ``g * f(AKPs) + b`` of family ``code``, ``(N, h, w)``, evaluated in
-        float64 (see :meth:`ACL.synthesize` for why) and returned in the result's dtype."""
+        """The fitted kernels ``g * f(AKPs) + b`` of family ``code``, ``(N, h, w)`` (``(N, T, h,
+        w)`` for stacks), evaluated in float64 (see :meth:`ACL.synthesize` for why) and returned
+        in the result's dtype."""
         h, w = self.kernel_size
         fam = kernels.get(code)
         base = fam(self.params[code].double(), h, w)
         gain, off = self.gain[code].double(), self.offset[code].double()
-        return (gain[:, None, None] * base + off[:, None, None]).to(self.residuals.dtype)
+        if self.channels is not None:
+            base = base[:, None]
+        return (gain[..., None, None] * base + off[..., None, None]).to(self.residuals.dtype)
 
-    def select(self, threshold: float, mode: str = "best") -> Selection:
+    def select(self, threshold: float, mode: str = "best", on: str = "plain") -> Selection:
         """Choose a family per kernel (SPEC §4).
 
         ``best``: the eligible family with the lowest residual, kept if ``r <= threshold``.
         ``compact``: among eligible families with ``r <= threshold``, the one with the fewest
         parameters (ties: lower residual). In both modes exact residual ties go to the family
         with fewer parameters, so an all-zero kernel becomes Mean. Kernels with no qualifying
-        family stay plain (``P``).
+        family stay plain (``P``). ``on`` says which residual the threshold and the ranking use
+        (see :meth:`measure`).
         """
         if mode not in SELECT_MODES:
             raise ValueError(f"selection mode must be one of {SELECT_MODES}, got {mode!r}")
         if not threshold >= 0:
             raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
         counts = torch.tensor([float(self.param_count(c)) for c in self.families])
-        res = self.residuals.double()
+        res = self.measure(on).double()
         ok = self.eligible()[None, :] & torch.isfinite(res)
         if mode == "best":
             # Lexicographic (residual, parameter count): the count only breaks exact ties.
@@ -108,4 +143,17 @@ class FitResult:
         residual = torch.where(keep, chosen_res, torch.zeros_like(chosen_res)).to(
             self.residuals.dtype
         )
+        return Selection(codes=codes, choice=choice, residual=residual)
+
+    def selection_from(self, choice: Tensor, on: str = "plain") -> Selection:
+        """A :class:`Selection` from a column per kernel (``-1`` plain), e.g. a budget's
+        choice (:mod:`.budget`); ``residual`` is then measured ``on`` (see :meth:`measure`)."""
+        choice = torch.as_tensor(choice, dtype=torch.long)
+        if choice.shape != (len(self),):
+            raise ValueError(f"choice must have shape ({len(self)},), got {tuple(choice.shape)}")
+        res = self.measure(on if on == "plain" or self.weighted is not None else "plain")
+        keep = choice >= 0
+        picked = res.gather(1, choice.clamp_min(0)[:, None])[:, 0] if res.shape[1] else res[:, 0]
+        codes = [self.families[c] if c >= 0 else "P" for c in choice.tolist()]
+        residual = torch.where(keep, picked, torch.zeros_like(picked))
         return Selection(codes=codes, choice=choice, residual=residual)
