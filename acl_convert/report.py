@@ -33,49 +33,98 @@ def _quantiles(values: torch.Tensor) -> dict[str, float | None]:
 
 
 def kernel_rows(res: LayerResult) -> list[dict[str, Any]]:
-    """One row per kernel: indices, chosen family, named AKPs, gain, offset, residuals."""
+    """One row per kernel: indices, chosen family, named AKPs, gain, offset, whether it shares
+    its AKPs with other kernels (channel-tied), residuals. The chosen family's values are read
+    from the layer, so a tied kernel shows its row's AKPs and its own gain and offset. A fit of
+    channel-tied stacks (``fit.channels``) has one row per output channel: each kernel shows
+    its channel's residuals. ``residual``/``residuals`` are plain (relative L2 of the kernel);
+    with calibration ``output_residual``/``output_residuals`` are activation-weighted (the
+    relative output error of the per-kernel fit, before any joint re-solve)."""
     _, cig, _, _ = res.layer.shape
-    fit, sel = res.fit, res.selection
-    rows = []
+    fit, acl = res.fit, res.acl
     residuals = fit.residuals.tolist()
-    params = {c: v.tolist() for c, v in fit.params.items()}
-    gains = {c: v.tolist() for c, v in fit.gain.items()}
-    offsets = {c: v.tolist() for c, v in fit.offset.items()}
-    offset_on = res.acl.offset_enabled
-    for k, code in enumerate(sel.codes):
-        row: dict[str, Any] = {"index": k, "out": k // cig, "in": k % cig, "family": code}
+    weighted = None if fit.weighted is None else fit.weighted.tolist()
+    plain_res, out_res = _chosen(res)
+    per_row = cig if fit.channels is not None else 1
+    chosen: dict[int, dict[str, Any]] = {}
+    for code in acl.codes_present():
+        index = acl.index(code).tolist()
         if code == "P":
-            row.update(akps={}, gain=None, offset=None, residual=0.0)
-        else:
-            fam = kernels.get(code)
-            row.update(
-                akps=dict(zip(fam.param_names, params[code][k], strict=True)),
-                gain=gains[code][k],
-                offset=offsets[code][k] if offset_on and fam.num_params else None,
-                residual=float(sel.residual[k]),
+            for k in index:
+                chosen[k] = dict(
+                    akps={}, gain=None, offset=None, tied=False, residual=0.0, output_residual=None
+                )
+            continue
+        names = kernels.get(code).param_names
+        akps = acl.kernel_akps(code).tolist()
+        gains = acl.gain[code].tolist() if code in acl.gain else [None] * len(index)
+        offs = acl.offset[code].tolist() if code in acl.offset else [None] * len(index)
+        tied = acl.tied_kernels(code).tolist()
+        for j, k in enumerate(index):
+            chosen[k] = dict(
+                akps=dict(zip(names, akps[j], strict=True)),
+                gain=gains[j],
+                offset=offs[j],
+                tied=tied[j],
+                residual=float(plain_res[k // per_row]),
+                output_residual=None if out_res is None else float(out_res[k // per_row]),
             )
-        row["residuals"] = dict(zip(fit.families, residuals[k], strict=True))
+    rows = []
+    for k, code in enumerate(acl.codes):
+        row: dict[str, Any] = {"index": k, "out": k // cig, "in": k % cig, "family": code}
+        row.update(chosen[k])
+        row["residuals"] = dict(zip(fit.families, residuals[k // per_row], strict=True))
+        if weighted is not None:
+            row["output_residuals"] = dict(zip(fit.families, weighted[k // per_row], strict=True))
         rows.append(row)
     return rows
+
+
+def _chosen(res: LayerResult) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain and activation-weighted (or None) residual ``(rows,)`` of each row's chosen family
+    (0 where plain)."""
+    choice = res.selection.choice
+    keep = choice >= 0
+
+    def pick(table: torch.Tensor) -> torch.Tensor:
+        if table.shape[1] == 0:
+            return torch.zeros(len(choice), dtype=table.dtype)
+        got = table.gather(1, choice.clamp_min(0)[:, None])[:, 0]
+        return torch.where(keep, got, torch.zeros_like(got))
+
+    weighted = res.fit.weighted
+    return pick(res.fit.residuals), None if weighted is None else pick(weighted)
 
 
 def layer_summary(res: LayerResult) -> dict[str, Any]:
     sel = res.selection
     converted = sel.choice >= 0
     best = res.fit.residuals.min(1).values if res.fit.residuals.shape[1] else torch.zeros(0)
+    plain_res, out_res = _chosen(res)
+    joint = res.joint
     return {
         "name": res.layer.name,
         "shape": list(res.layer.shape),
         "groups": res.layer.groups,
-        "kernels": len(sel.codes),
-        "converted": int(converted.sum()),
+        # Counted on the layer: a fit of channel-tied stacks selects per output channel.
+        "kernels": res.acl.num_kernels,
+        "converted": sum(c != "P" for c in res.acl.codes),
         "family_counts": res.acl.family_totals(),
         "pattern": res.acl.pattern,
         "compact_factor": res.compact_factor,
         "params_before": res.params_before,
         "params_after": res.params_after,
         # Over the kernels that became analytic: what the conversion changed.
-        "residual": _quantiles(sel.residual[converted]),
+        "residual": _quantiles(plain_res[converted]),
+        "output_residual": None if out_res is None else _quantiles(out_res[converted]),
+        # The layer's relative output error on the calibration inputs, as fitted and after the
+        # joint re-solve (None without calibration).
+        "output_error": None
+        if joint is None
+        else {
+            "fitted": joint.relative_error(after=False),
+            "resolved": joint.relative_error(after=True),
+        },
         # Over all kernels, the best family's residual: how analytic the layer is at all.
         "best_residual": _quantiles(best),
     }
@@ -123,8 +172,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     table = Table(
         title="acl-convert: converted layers",
         title_justify="left",
-        caption="ACKs: kernels now analytic (res.: their relative residual); "
-        "params: kernel parameters before -> after",
+        caption="ACKs: kernels now analytic (res.: their relative residual); out err: the "
+        "layer's relative output error on the calibration images; params: kernel parameters "
+        "before -> after",
         caption_justify="left",
         box=box.SIMPLE_HEAD,
     )
@@ -136,6 +186,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         ("compact", "right"),
         ("res. med", "right"),
         ("res. p90", "right"),
+        ("out err", "right"),
         ("params", "right"),
     ):
         table.add_column(col, justify=just, no_wrap=col in ("layer", "params"))
@@ -149,6 +200,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{lay['compact_factor']:.4f}",
             _fmt(lay["residual"]["median"]),
             _fmt(lay["residual"]["p90"]),
+            _fmt(None if lay.get("output_error") is None else lay["output_error"]["resolved"]),
             f"{lay['params_before']:,}->{lay['params_after']:,}",
         )
     tot = report["totals"]
@@ -159,6 +211,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         str(tot["converted"]),
         "",
         f"{tot['compact_factor']:.4f}",
+        "",
         "",
         "",
         f"{tot['params_before']:,}->{tot['params_after']:,}",
@@ -251,6 +304,20 @@ SCHEMA: dict[str, Any] = {
                     "params_before": {"type": "integer"},
                     "params_after": {"type": "integer"},
                     "residual": _QUANT,
+                    "output_residual": {"oneOf": [{"type": "null"}, _QUANT]},
+                    "output_error": {
+                        "oneOf": [
+                            {"type": "null"},
+                            {
+                                "type": "object",
+                                "required": ["fitted", "resolved"],
+                                "properties": {
+                                    "fitted": {"type": "number", "minimum": 0},
+                                    "resolved": {"type": "number", "minimum": 0},
+                                },
+                            },
+                        ]
+                    },
                     "best_residual": _QUANT,
                     "kernels_detail": {
                         "type": "array",
@@ -278,8 +345,14 @@ SCHEMA: dict[str, Any] = {
                                 },
                                 "gain": {"type": ["number", "null"]},
                                 "offset": {"type": ["number", "null"]},
+                                "tied": {"type": "boolean"},
                                 "residual": {"type": "number", "minimum": 0},
                                 "residuals": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "number"},
+                                },
+                                "output_residual": {"type": ["number", "null"]},
+                                "output_residuals": {
                                     "type": "object",
                                     "additionalProperties": {"type": "number"},
                                 },

@@ -10,6 +10,7 @@ line and exit 2 (usage) or 1 (everything else); ``--debug`` shows tracebacks.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -230,11 +231,61 @@ def convert(
     calibration: Path = typer.Option(
         None,
         "--calibration",
-        help="Folder of images: compare the original and the AnaNN "
-        "on them (needs a known architecture).",
+        help="Folder of images the network really sees (needs a known architecture). Turns on "
+        "fidelity-first conversion: layers are converted in network order, each fitted to "
+        "minimise its output error on these images as they arrive through the layers "
+        "converted before it, then its gains, offsets, plain kernels and bias are re-solved "
+        "together; the AnaNN is compared with the original on them.",
     ),
     calibration_limit: int = typer.Option(
         256, "--calibration-limit", help="Use at most this many calibration images."
+    ),
+    fit_to: str = typer.Option(
+        None,
+        "--fit-to",
+        help="What a kernel's fit minimises: 'output' (its output error on the calibration "
+        "images) or 'plain' (least squares on the kernel). \\[default: output with "
+        "--calibration, else plain]",
+    ),
+    threshold_on: str = typer.Option(
+        None,
+        "--threshold-on",
+        help="Which relative residual the threshold and the choice of family use: 'output' or "
+        "'plain'. \\[default: as --fit-to]",
+    ),
+    joint: bool = typer.Option(
+        None,
+        "--joint/--no-joint",
+        help="With --calibration: refit each layer's AKPs channel by channel under the full "
+        "input statistics and re-solve its gains, offsets, plain kernels and bias together. "
+        "\\[default: on with --calibration]",
+    ),
+    sweeps: int = typer.Option(
+        1, "--sweeps", help="Passes over the input channels when refitting jointly (0: none)."
+    ),
+    target_compact: float = typer.Option(
+        None,
+        "--target-compact",
+        help="Instead of a threshold: reach this compact factor (0..1) while adding the least "
+        "output error (kernels chosen by parameters saved per error added).",
+    ),
+    max_output_error: float = typer.Option(
+        None,
+        "--max-output-error",
+        help="Instead of a threshold: the largest relative output error to spend (per layer, or "
+        "over the model with --budget-scope model), saving as many parameters as possible. "
+        "Needs --calibration.",
+    ),
+    budget_scope: str = typer.Option(
+        "layer",
+        "--budget-scope",
+        help="Apply --target-compact / --max-output-error to each layer or to the model.",
+    ),
+    tie_channels: bool = typer.Option(
+        False,
+        "--tie-channels",
+        help="One family and one AKP set per output channel, shared by its input channels, "
+        "each with its own gain and offset (an RGB triple as one pattern in three strengths).",
     ),
     arch: str = ArchOpt,
     force: bool = ForceOpt,
@@ -249,6 +300,17 @@ def convert(
     from acl_convert.layers import conv_layers, select_layers
     from acl_convert.report import build_report, print_report
 
+    if calibration is not None:
+        from acl_convert.images import list_images
+
+        calib_files = list_images(calibration, limit=calibration_limit)
+    calibrated = calibration is not None
+    if fit_to is None:
+        fit_to = "output" if calibrated else "plain"
+    if threshold is not None and (target_compact is not None or max_output_error is not None):
+        raise UsageError(
+            "give either --threshold or a budget (--target-compact, --max-output-error), not both"
+        )
     settings = Settings(
         families=tuple(_split(families)),
         offset=offset,
@@ -256,6 +318,15 @@ def convert(
         select=select,
         device=device,
         seed=seed,
+        fit_to=fit_to,
+        threshold_on=fit_to if threshold_on is None else threshold_on,
+        joint=calibrated if joint is None else joint,
+        sweeps=sweeps,
+        target_compact=target_compact,
+        max_output_error=max_output_error,
+        budget_scope=budget_scope,
+        tie_channels=tie_channels,
+        calibration_images=len(calib_files) if calibrated else 0,
     )
     dev = _device(device)
     output = output or _default_output(checkpoint, ".anann.safetensors")
@@ -264,10 +335,6 @@ def convert(
     )
     check_writable(output, force=force)
     check_writable(report_path, force=force)
-    if calibration is not None:
-        from acl_convert.images import list_images
-
-        calib_files = list_images(calibration, limit=calibration_limit)
 
     ckpt, arch, model = _load(checkpoint, trust_pickle, arch, quiet)
     all_layers = conv_layers(ckpt.state_dict, model)
@@ -286,24 +353,37 @@ def convert(
             )
 
     n_kernels = sum(lay.num_kernels for lay in chosen)
+    calib = None
+    if calibrated:
+        calib = _calibration_images(calib_files, arch, quiet)
     _note(
         quiet,
         f"fitting {n_kernels:,} kernels of {len(chosen)} layer(s) to "
-        f"{len(settings.families)} families on {dev}",
+        f"{len(settings.families)} families on {dev}"
+        + (f", by output error on {len(calib_files)} images" if fit_to == "output" else ""),
     )
     with _progress(quiet) as bar:
         tasks: dict[str, int] = {}
 
         def on_progress(task: str, done: int, total: int) -> None:
             if task not in tasks:
-                tasks[task] = bar.add_task(f"fit {task}", total=total)
+                label = task if task.startswith("inputs") else f"fit {task}"
+                tasks[task] = bar.add_task(label, total=total)
             bar.advance(tasks[task], done)
 
-        result = run_convert(ckpt, chosen, settings, arch=arch, progress=on_progress)
+        result = run_convert(
+            ckpt,
+            chosen,
+            settings,
+            arch=arch,
+            progress=on_progress,
+            calibration=calib,
+            model=copy.deepcopy(model) if calibrated else None,
+        )
 
     fidelity = None
-    if calibration is not None:
-        fidelity = _fidelity(model, result, calib_files, arch, quiet)
+    if calibrated:
+        fidelity = _fidelity(model, result, calib, quiet)
     doc = build_report(result, fidelity=fidelity)
 
     with ExitStack() as stack:
@@ -332,20 +412,36 @@ def convert(
     )
 
 
-def _fidelity(model, result, files, arch, quiet):
-    from acl_convert.fidelity import measure_fidelity
+def _calibration_images(files, arch, quiet):
+    """The calibration images, preprocessed as the architecture expects and held in memory
+    (500 images at 224 px are 300 MB): every converted layer runs them again."""
+    from acl_convert.calibrate import Calibration
     from acl_convert.images import load_batches, preprocessing
 
-    original = model
-    original.load_state_dict(result.source.state_dict, strict=True)
-    converted = result.patched(original)
     transform = preprocessing(arch)
-    _note(quiet, f"measuring fidelity on {len(files)} images")
     with _progress(quiet) as bar:
-        task = bar.add_task("calibration images", total=len(files))
+        task = bar.add_task("load calibration images", total=len(files))
+        batches = []
+        # Small batches: a first conv's input patches are ~0.6 MB per image and position.
+        for x in load_batches(files, transform, batch_size=16):
+            batches.append(x)
+            bar.advance(task, len(x))
+    return Calibration(batches)
+
+
+def _fidelity(model, result, calib, quiet):
+    from acl_convert.fidelity import measure_fidelity
+
+    original = model
+    # Not strict: a checkpoint without BN's num_batches_tracked loaded fine before.
+    original.load_state_dict(result.source.state_dict, strict=False)
+    converted = result.patched(original)
+    _note(quiet, f"measuring fidelity on {calib.images} images")
+    with _progress(quiet) as bar:
+        task = bar.add_task("compare with the original", total=calib.images)
 
         def batches():
-            for x in load_batches(files, transform, batch_size=32):
+            for x in calib.batches:
                 yield x
                 bar.advance(task, len(x))
 

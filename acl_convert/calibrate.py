@@ -1,0 +1,158 @@
+"""What a layer really sees: second moments of its input patches on calibration images.
+
+The activation-weighted fit (:mod:`acl_convert.fit.metric`) needs, per converted conv, the
+uncentred second moment ``E[x x^T]`` of the patches its kernels are applied to. They are
+collected by running the calibration images through the network *as converted so far*, so a
+layer is fitted to the inputs it will get in the AnaNN, and errors of earlier layers do not
+compound unseen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+
+__all__ = ["Calibration", "LayerMoments", "execution_order"]
+
+
+class _Stop(Exception):
+    """Raised by the collecting hook: nothing after the layer is needed."""
+
+
+@dataclass
+class LayerMoments:
+    """Second moments of one conv's input patches.
+
+    Attributes:
+        full: ``(G, D + 1, D + 1)`` float64, per conv group, over patches ``[x; 1]`` with
+            ``D = Ci/groups * h * w`` (input channel major, then the kernel's row-major pixels,
+            the order of ``weight[q].flatten()``); the appended 1 carries the bias and the mean.
+        kernel_size: ``(h, w)``.
+        count: patches averaged (images times output positions).
+    """
+
+    full: Tensor
+    kernel_size: tuple[int, int]
+    count: int
+
+    @property
+    def groups(self) -> int:
+        return self.full.shape[0]
+
+    @property
+    def channels_per_group(self) -> int:
+        h, w = self.kernel_size
+        return (self.full.shape[1] - 1) // (h * w)
+
+    def blocks(self) -> Tensor:
+        """``(Ci, n, n)``: the diagonal block of every input channel (``n = h*w``), the moment
+        that weights a single kernel's residual."""
+        h, w = self.kernel_size
+        n, cg = h * w, self.channels_per_group
+        out = [
+            self.full[g, c * n : (c + 1) * n, c * n : (c + 1) * n]
+            for g in range(self.groups)
+            for c in range(cg)
+        ]
+        return torch.stack(out)
+
+
+def execution_order(model: nn.Module, names: Sequence[str], example: Tensor) -> list[str]:
+    """``names`` sorted by when their module first runs on ``example`` (``(1, 3, H, W)``);
+    modules that never run keep their given order at the end."""
+    seen: list[str] = []
+    handles = []
+    for name in names:
+
+        def hook(_m, _inp, name=name):
+            if name not in seen:
+                seen.append(name)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [n for n in names if n not in seen]
+
+
+class Calibration:
+    """Preprocessed calibration images, held in memory (``(B, 3, H, W)`` batches), and the
+    moments of any conv's inputs on them.
+
+    Args:
+        batches: the images, already preprocessed as the network expects.
+    """
+
+    def __init__(self, batches: Iterable[Tensor]) -> None:
+        self.batches = [b for b in batches]
+        if not self.batches:
+            raise UserError("no calibration images; give a folder with at least one image")
+
+    @property
+    def images(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    @torch.no_grad()
+    def moments(
+        self, model: nn.Module, name: str, progress: Callable[[int], None] | None = None
+    ) -> LayerMoments:
+        """Run the images through ``model`` up to the conv ``name`` and average ``[x; 1][x; 1]^T``
+        over all its input patches (zero padding included, as the conv sees it).
+        ``progress(images)`` is called after every batch."""
+        conv = model.get_submodule(name)
+        if not isinstance(conv, nn.Conv2d) and not hasattr(conv, "kernel_size"):
+            raise UserError(f"{name} is not a convolution; cannot collect its inputs")
+        h, w = conv.kernel_size
+        groups = conv.groups
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise UserError(
+                    f"layer {name} uses padding={padding!r}; calibration supports numeric "
+                    "padding only"
+                )
+            padding = (0, 0)
+        d = conv.in_channels // groups * h * w
+        total = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
+        count = 0
+
+        def hook(_m, inputs):
+            nonlocal count
+            x = inputs[0].float()
+            pad = padding
+            if conv.padding_mode != "zeros":
+                x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+                pad = (0, 0)
+            cols = F.unfold(x, (h, w), conv.dilation, pad, conv.stride)  # (B, Ci*h*w, L)
+            b, _, positions = cols.shape
+            cols = cols.view(b, groups, d, positions)
+            ones = torch.ones(b, groups, 1, positions, dtype=cols.dtype)
+            cols = torch.cat([cols, ones], 2).permute(1, 2, 0, 3).reshape(groups, d + 1, -1)
+            total.add_((cols @ cols.transpose(1, 2)).double())
+            count += b * positions
+            raise _Stop
+
+        handle = conv.register_forward_pre_hook(hook)
+        model.eval()
+        try:
+            for x in self.batches:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+                if progress is not None:
+                    progress(len(x))
+        finally:
+            handle.remove()
+        if count == 0:
+            raise UserError(f"layer {name} never ran on the calibration images")
+        return LayerMoments(full=total / count, kernel_size=(h, w), count=count)
