@@ -168,31 +168,33 @@ def _fmt(x: float | None) -> str:
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
-    """Render the per-layer table and the model totals."""
+    """Render the per-layer table and the model totals. Output residuals and errors get columns
+    only when the conversion measured them (with calibration images)."""
+    layers = report["layers"]
+    by_output = any(lay.get("output_residual") for lay in layers)
+    resolved = any(lay.get("output_error") for lay in layers)
+    caption = "ACKs: kernels now analytic (res.: their relative residual"
+    if by_output:
+        caption += "; out res.: the share of their output they get wrong"
+    caption += ")"
+    if resolved:
+        caption += "; out err: the layer's relative output error on the calibration images"
+    caption += "; params: kernel parameters before -> after"
     table = Table(
         title="acl-convert: converted layers",
         title_justify="left",
-        caption="ACKs: kernels now analytic (res.: their relative residual); out err: the "
-        "layer's relative output error on the calibration images; params: kernel parameters "
-        "before -> after",
+        caption=caption,
         caption_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for col, just in (
-        ("layer", "left"),
-        ("kernels", "right"),
-        ("ACKs", "right"),
-        ("families", "left"),
-        ("compact", "right"),
-        ("res. med", "right"),
-        ("res. p90", "right"),
-        ("out err", "right"),
-        ("params", "right"),
-    ):
+    cols = ["layer", "kernels", "ACKs", "families", "compact", "res. med", "res. p90"]
+    cols += ["out res. med"] * by_output + ["out err"] * resolved + ["params"]
+    for col in cols:
+        just = "left" if col in ("layer", "families") else "right"
         table.add_column(col, justify=just, no_wrap=col in ("layer", "params"))
-    for lay in report["layers"]:
+    for lay in layers:
         fams = " ".join(f"{c}{n}" for c, n in lay["family_counts"].items())
-        table.add_row(
+        row = [
             lay["name"],
             str(lay["kernels"]),
             str(lay["converted"]),
@@ -200,20 +202,24 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"{lay['compact_factor']:.4f}",
             _fmt(lay["residual"]["median"]),
             _fmt(lay["residual"]["p90"]),
-            _fmt(None if lay.get("output_error") is None else lay["output_error"]["resolved"]),
-            f"{lay['params_before']:,}->{lay['params_after']:,}",
-        )
+        ]
+        if by_output:
+            out = lay.get("output_residual")
+            row.append(_fmt(None if out is None else out["median"]))
+        if resolved:
+            err = lay.get("output_error")
+            row.append(_fmt(None if err is None else err["resolved"]))
+        table.add_row(*row, f"{lay['params_before']:,}->{lay['params_after']:,}")
     tot = report["totals"]
     table.add_section()
+    blanks = [""] * (2 + by_output + resolved)
     table.add_row(
         "total",
         str(tot["kernels"]),
         str(tot["converted"]),
         "",
         f"{tot['compact_factor']:.4f}",
-        "",
-        "",
-        "",
+        *blanks,
         f"{tot['params_before']:,}->{tot['params_after']:,}",
         style="bold",
     )
