@@ -133,17 +133,28 @@ class Dictionary:
             proj: ``(G, n, n)`` projectors, one per input channel (group).
             group: ``(N, T)`` long, the projector of every kernel channel.
 
-        Each group's atoms are projected and normalised once; the score of an atom is the sum
-        over a kernel's channels of its squared correlation, i.e. the cost it removes."""
+        The score of an atom ``a`` is the cost it removes, summed over a kernel's channels:
+        ``(w~ . M a)^2 / |M a|^2``. The numerator is ``((M^T w~) . a)^2``, one matrix product
+        with the raw atoms for all kernels whatever their group; only the denominators
+        ``a^T M^T M a`` depend on the group, ``(G, K)`` of them (a depthwise layer has as many
+        groups as kernels, so nothing may be built per group and atom and pixel)."""
         n_k = self.raw.shape[0]
-        scores = w_proj.new_zeros(w_proj.shape[0], n_k)
-        for g in torch.unique(group).tolist():
-            rows, chans = torch.nonzero(group == g, as_tuple=True)
-            atoms = self.raw @ proj[g].T
-            norm = atoms.norm(dim=1, keepdim=True)
-            atoms = torch.where(norm > 1e-9, atoms / norm.clamp_min(1e-30), 0.0)
-            scores.index_add_(0, rows, (w_proj[rows, chans] @ atoms.T).square_())
-        return scores.topk(min(k, n_k), dim=1).indices
+        gram = proj.transpose(1, 2) @ proj  # (G, n, n)
+        den = torch.einsum("kn,gnm,km->gk", self.raw, gram, self.raw)
+        # Atoms whose projection vanishes (a constant under the offset) never win.
+        ok = den > 1e-9 * den.amax(1, keepdim=True).clamp_min(1e-30)
+        inv = torch.where(ok, 1.0 / den.clamp_min(1e-30), torch.zeros_like(den))
+        out = []
+        for start in range(0, w_proj.shape[0], 1024):
+            part, grp = w_proj[start : start + 1024], group[start : start + 1024]
+            scores = part.new_zeros(part.shape[0], n_k)
+            for t in range(part.shape[1]):
+                v = torch.einsum("rij,ri->rj", proj[grp[:, t]], part[:, t])  # M^T w~
+                scores += (v @ self.raw.T).square_() * inv[grp[:, t]]
+            out.append(scores.topk(min(k, n_k), dim=1).indices)
+        if not out:
+            return torch.empty(0, k, dtype=torch.long, device=w_proj.device)
+        return torch.cat(out)
 
 
 def _axis(family: KernelFamily, k: int, h: int, w: int, shift: float) -> Tensor:
