@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .threads import single_threaded
+
 __all__ = ["choose_by_multiplier", "select_for_saving", "select_for_error", "totals"]
 
 _INF = float("inf")
@@ -61,6 +63,7 @@ def choose_by_multiplier(error: Tensor, saving: Tensor, mu: float) -> Tensor:
     return opts.column(key.argmin(1))
 
 
+@single_threaded
 def select_for_saving(
     error: Tensor, saving: Tensor, target: float | Tensor, layer: Tensor | None = None
 ) -> tuple[Tensor, bool]:
@@ -86,6 +89,7 @@ def select_for_saving(
     return _per_layer(_options(error, saving), target, layer, _least_error, "target")
 
 
+@single_threaded
 def select_for_error(
     error: Tensor, saving: Tensor, max_error: float | Tensor, layer: Tensor | None = None
 ) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import kernels
 from . import dictionary, lm, metric
 from .result import FitResult
+from .threads import single_threaded
 
 __all__ = ["fit_kernels", "resolve_device", "DEFAULT_MEMORY"]
 
@@ -76,6 +77,7 @@ def _resolve_families(families: Sequence[str] | None) -> list[str]:
     return codes
 
 
+@single_threaded
 def fit_kernels(
     W: Tensor,
     families: Sequence[str] | None = None,

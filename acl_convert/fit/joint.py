@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from .threads import single_threaded
 
 __all__ = ["JointSolution", "resolve", "refine_channels", "output_errors"]
 
@@ -81,6 +82,7 @@ class JointSolution:
         return (float(err.sum()) / den) ** 0.5 if den > 0 else 0.0
 
 
+@single_threaded
 def resolve(
     weight: Tensor,
     bias: Tensor | None,
@@ -213,6 +215,7 @@ def resolve(
     )
 
 
+@single_threaded
 def refine_channels(
     weight: Tensor,
     codes: Sequence[str],
