@@ -27,6 +27,7 @@ from .errors import UsageError, UserError
 from .fit import SELECT_MODES, FitResult, Selection, budget, fit_kernels
 from .fit.joint import JointSolution, output_errors, refine_channels
 from .fit.joint import resolve as resolve_joint
+from .fit.threads import fit_threads
 from .layer import ACL
 from .layers import ConvLayer
 
@@ -272,7 +273,12 @@ def convert(
     if calibration is not None and (settings.fit_to == "output" or settings.joint):
         if model is None:
             raise UsageError("calibration needs a known architecture; pass --arch NAME")
-        results = _convert_calibrated(checkpoint, layers, settings, calibration, model, progress)
+        # The calibration passes too: on a busy 2-core machine a second thread made them 2.5x
+        # slower (see acl_convert.fit.threads).
+        with fit_threads():
+            results = _convert_calibrated(
+                checkpoint, layers, settings, calibration, model, progress
+            )
     else:
         fits = _fit_plain(checkpoint, layers, settings, progress)
         selections = _select(fits, layers, settings)
