@@ -461,3 +461,50 @@ def test_cli_budget_and_threshold_are_exclusive(invoke, tmp_path, squeezenet_ckp
     )
     assert result.exit_code == 2
     assert "not both" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_tie_channels_writes_a_tied_anann_that_loads_back(invoke, tmp_path, squeezenet_ckpt):
+    """--tie-channels: every output channel of conv1 is one AKP row for its three kernels; the
+    compact factor counts it once, the report marks the kernels tied, and the AnaNN loads back
+    computing what the conversion computed."""
+    import torchvision
+
+    import acl_convert
+
+    out = tmp_path / "t.anann.safetensors"
+    report = tmp_path / "t.json"
+    result = invoke(
+        squeezenet_ckpt,
+        "-l",
+        "features.0",
+        "--tie-channels",
+        "-t",
+        "1.0",
+        "-q",
+        "-o",
+        out,
+        "--report",
+        report,
+    )
+    assert result.exit_code == 0, result.stderr
+    lay = json.loads(report.read_text())["layers"][0]
+    rows = lay["kernels_detail"]
+    assert all(r["tied"] for r in rows if r["family"] != "P")
+    # Kernels of one output channel share family and AKPs.
+    for q in range(96):
+        trio = [r for r in rows if r["out"] == q]
+        assert len({r["family"] for r in trio}) == 1
+        assert all(r["akps"] == trio[0]["akps"] for r in trio)
+    counts = lay["family_counts"]
+    params = (
+        sum(
+            (n // 3) * kernels.get(c).num_params + n * (1 + (kernels.get(c).num_params > 0))
+            for c, n in counts.items()
+            if c != "P"
+        )
+        + counts.get("P", 0) * 49
+    )
+    assert lay["compact_factor"] == pytest.approx(1 - params / (288 * 49))
+    model = acl_convert.load_anann(out, torchvision.models.squeezenet1_0(weights=None))
+    acl = model.features[0]
+    assert acl.is_tied()
