@@ -35,11 +35,14 @@ class LayerMoments:
             the order of ``weight[q].flatten()``); the appended 1 carries the bias and the mean.
         kernel_size: ``(h, w)``.
         count: patches averaged (images times output positions).
+        cross: ``(G, D + 1, D + 1)`` float64 ``E[[x; 1] [x_ref; 1]^T]`` against the same layer's
+            patches in a reference (the original) network, or None.
     """
 
     full: Tensor
     kernel_size: tuple[int, int]
     count: int
+    cross: Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -103,56 +106,82 @@ class Calibration:
 
     @torch.no_grad()
     def moments(
-        self, model: nn.Module, name: str, progress: Callable[[int], None] | None = None
+        self,
+        model: nn.Module,
+        name: str,
+        progress: Callable[[int], None] | None = None,
+        reference: nn.Module | None = None,
     ) -> LayerMoments:
         """Run the images through ``model`` up to the conv ``name`` and average ``[x; 1][x; 1]^T``
-        over all its input patches (zero padding included, as the conv sees it).
-        ``progress(images)`` is called after every batch."""
+        over all its input patches (zero padding included, as the conv sees it). With
+        ``reference`` (the original network), also average ``[x; 1][x_ref; 1]^T`` with the same
+        layer's patches there, image by image. ``progress(images)`` is called after every
+        batch."""
         conv = model.get_submodule(name)
         if not isinstance(conv, nn.Conv2d) and not hasattr(conv, "kernel_size"):
             raise UserError(f"{name} is not a convolution; cannot collect its inputs")
         h, w = conv.kernel_size
         groups = conv.groups
-        padding = conv.padding
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise UserError(
-                    f"layer {name} uses padding={padding!r}; calibration supports numeric "
-                    "padding only"
-                )
-            padding = (0, 0)
         d = conv.in_channels // groups * h * w
         total = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
+        cross = None if reference is None else torch.zeros_like(total)
         count = 0
-
-        def hook(_m, inputs):
-            nonlocal count
-            x = inputs[0].float()
-            pad = padding
-            if conv.padding_mode != "zeros":
-                x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-                pad = (0, 0)
-            cols = F.unfold(x, (h, w), conv.dilation, pad, conv.stride)  # (B, Ci*h*w, L)
-            b, _, positions = cols.shape
-            cols = cols.view(b, groups, d, positions)
-            ones = torch.ones(b, groups, 1, positions, dtype=cols.dtype)
-            cols = torch.cat([cols, ones], 2).permute(1, 2, 0, 3).reshape(groups, d + 1, -1)
+        for x in self.batches:
+            cols = _patches(model, name, x)  # (G, D + 1, B * L)
             total.add_((cols @ cols.transpose(1, 2)).double())
-            count += b * positions
-            raise _Stop
-
-        handle = conv.register_forward_pre_hook(hook)
-        model.eval()
-        try:
-            for x in self.batches:
-                try:
-                    model(x)
-                except _Stop:
-                    pass
-                if progress is not None:
-                    progress(len(x))
-        finally:
-            handle.remove()
+            if reference is not None:
+                ref = _patches(reference, name, x)
+                cross.add_((cols @ ref.transpose(1, 2)).double())
+            count += cols.shape[2]
+            if progress is not None:
+                progress(len(x))
         if count == 0:
             raise UserError(f"layer {name} never ran on the calibration images")
-        return LayerMoments(full=total / count, kernel_size=(h, w), count=count)
+        return LayerMoments(
+            full=total / count,
+            kernel_size=(h, w),
+            count=count,
+            cross=None if cross is None else cross / count,
+        )
+
+
+def _patches(model: nn.Module, name: str, x: Tensor) -> Tensor:
+    """The input patches ``[x; 1]`` of the conv ``name`` of ``model`` on images ``x``,
+    ``(G, D + 1, B * L)`` (a hook stops the forward pass at the conv)."""
+    conv = model.get_submodule(name)
+    h, w = conv.kernel_size
+    groups = conv.groups
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding != "valid":
+            raise UserError(
+                f"layer {name} uses padding={padding!r}; calibration supports numeric padding only"
+            )
+        padding = (0, 0)
+    d = conv.in_channels // groups * h * w
+    found: list[Tensor] = []
+
+    def hook(_m, inputs):
+        x = inputs[0].float()
+        pad = padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            pad = (0, 0)
+        cols = F.unfold(x, (h, w), conv.dilation, pad, conv.stride)  # (B, Ci*h*w, L)
+        b, _, positions = cols.shape
+        cols = cols.view(b, groups, d, positions)
+        ones = torch.ones(b, groups, 1, positions, dtype=cols.dtype)
+        found.append(torch.cat([cols, ones], 2).permute(1, 2, 0, 3).reshape(groups, d + 1, -1))
+        raise _Stop
+
+    handle = conv.register_forward_pre_hook(hook)
+    model.eval()
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise UserError(f"layer {name} never ran on the calibration images")
+    return found[0]

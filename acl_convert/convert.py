@@ -60,7 +60,9 @@ class Settings:
     layer's gains, offsets, plain kernels and bias together under the full input moments.
     ``target_compact`` / ``max_output_error``: choose kernels by budget instead of the threshold,
     per layer or over the whole model (``budget_scope``). ``tie_channels``: one family and AKP
-    set per output channel (a gain and offset per input channel).
+    set per output channel (a gain and offset per input channel). ``compensate``: with
+    calibration, fit each layer to reproduce the original network's output from the inputs the
+    converted network gives it (see :func:`_compensated`).
     """
 
     families: tuple[str, ...] = kernels.PAPER_FAMILIES
@@ -78,6 +80,7 @@ class Settings:
     tie_channels: bool = False
     calibration_images: int = 0
     sweeps: int = 1
+    compensate: bool = True
 
     @property
     def budget(self) -> bool:
@@ -426,12 +429,13 @@ def _convert_calibrated(checkpoint, layers, settings, calibration, model, progre
     model_budget = settings.budget and settings.budget_scope == "model"
     fits: dict[str, FitResult] = {}
 
-    def inputs(name: str) -> LayerMoments:
+    def inputs(name: str, against_original: bool = False) -> LayerMoments:
         def report(done: int) -> None:
             if progress is not None:
                 progress(f"inputs of {name}", done, calibration.images)
 
-        return calibration.moments(current, name, report)
+        reference = model if against_original else None
+        return calibration.moments(current, name, report, reference=reference)
 
     if model_budget:
         # One budget over all layers needs every layer's fit before any choice: the fits see
@@ -445,27 +449,62 @@ def _convert_calibrated(checkpoint, layers, settings, calibration, model, progre
     results: dict[str, LayerResult] = {}
     for name in order:
         lay = by_name[name]
-        mom = inputs(name)
+        mom = inputs(name, settings.compensate)
+        sd = checkpoint.state_dict
+        if settings.compensate:
+            sd = _compensated(lay, checkpoint.state_dict, mom)
         if not model_budget:
             if settings.fit_to == "output":
-                fits[name] = _fit_weighted(lay, checkpoint.state_dict, settings, mom, progress)
+                fits[name] = _fit_weighted(lay, sd, settings, mom, progress)
             else:
-                fits[name] = _fit_plain(checkpoint, [lay], settings, progress)[name]
+                view = replace(checkpoint, state_dict=sd)
+                fits[name] = _fit_plain(view, [lay], settings, progress)[name]
             selection = _select({name: fits[name]}, [lay], settings)[name]
             if settings.max_output_error is not None:
-                selection = _meet_error_bound(lay, fits[name], selection, checkpoint, mom, settings)
+                selection = _meet_error_bound(lay, fits[name], selection, sd, mom, settings)
         else:
             selection = selections[name]
         fit = fits[name]
-        joint = (
-            _joint(lay, fit, selection, checkpoint.state_dict, mom, settings)
-            if settings.joint
-            else None
-        )
-        acl = build_acl(lay, fit, selection, checkpoint.state_dict, joint=joint)
+        joint = _joint(lay, fit, selection, sd, mom, settings) if settings.joint else None
+        acl = build_acl(lay, fit, selection, sd, joint=joint)
         results[name] = LayerResult(lay, fit, selection, acl, joint)
         set_submodule(current, name, copy.deepcopy(acl).eval())
     return results
+
+
+def _compensated(lay: ConvLayer, state_dict: dict[str, Tensor], mom: LayerMoments) -> dict:
+    """The state dict with the layer's weight and bias replaced by what best reproduces the
+    *original* network's output from the inputs the converted network gives it:
+    ``argmin E[(a' . [x; 1] - a . [x_ref; 1])^2] = S^-1 C a`` (``S`` the converted inputs'
+    moment, ``C`` their cross moment with the original's). Fitting to it makes a layer undo what
+    earlier layers changed, instead of faithfully passing it on. Without a bias the constant
+    coordinate is held at 0. The first converted layer sees the original inputs: unchanged."""
+    weight = state_dict[lay.weight_key]
+    bias_key = f"{lay.name}.bias"
+    bias = state_dict.get(bias_key)
+    co = weight.shape[0]
+    d = weight[0].numel()
+    a = torch.zeros(co, d + 1, dtype=torch.float64)
+    a[:, :d] = weight.detach().double().reshape(co, d)
+    if bias is not None:
+        a[:, d] = bias.detach().double()
+    keep = d + 1 if bias is not None else d
+    per_group = co // mom.groups
+    out = a.clone()
+    for g in range(mom.groups):
+        qs = slice(g * per_group, (g + 1) * per_group)
+        s = mom.full[g, :keep, :keep]
+        rhs = (mom.cross[g] @ a[qs].T)[:keep] - s @ a[qs, :keep].T
+        # Regularised towards the original weights: directions the inputs never excite (a
+        # dead channel) keep their values instead of collapsing to 0.
+        ridge = 1e-8 * float(torch.diagonal(s).mean()) + 1e-300
+        step = torch.linalg.solve(s + ridge * torch.eye(keep, dtype=s.dtype), rhs)
+        out[qs, :keep] = a[qs, :keep] + step.T
+    view = dict(state_dict)
+    view[lay.weight_key] = out[:, :d].reshape(weight.shape).to(weight.dtype)
+    if bias is not None:
+        view[bias_key] = out[:, d].to(bias.dtype)
+    return view
 
 
 def _fitted_error(lay, fit: FitResult, selection: Selection, state_dict, moments) -> float:
@@ -477,13 +516,13 @@ def _fitted_error(lay, fit: FitResult, selection: Selection, state_dict, moments
     return float(err.sum() / energy.sum()) ** 0.5 if float(energy.sum()) > 0 else 0.0
 
 
-def _meet_error_bound(lay, fit, selection, checkpoint, moments, settings) -> Selection:
+def _meet_error_bound(lay, fit, selection, state_dict, moments, settings) -> Selection:
     """The budget adds up per-kernel errors (each in its own channel's norm); the errors of an
     output channel's kernels also correlate across channels. Tighten the bound until the layer's
     true error, as fitted, is within ``max_output_error`` (the joint re-solve only lowers it)."""
     bound = settings.max_output_error
     for _ in range(8):
-        err = _fitted_error(lay, fit, selection, checkpoint.state_dict, moments)
+        err = _fitted_error(lay, fit, selection, state_dict, moments)
         if err <= settings.max_output_error or bound < 1e-6:
             break
         bound *= 0.9 * settings.max_output_error / err

@@ -263,6 +263,12 @@ def convert(
     sweeps: int = typer.Option(
         1, "--sweeps", help="Passes over the input channels when refitting jointly (0: none)."
     ),
+    compensate: bool = typer.Option(
+        True,
+        "--compensate/--no-compensate",
+        help="With --calibration: fit each layer to reproduce the original network's output "
+        "from the inputs the converted network gives it, undoing earlier layers' errors.",
+    ),
     target_compact: float = typer.Option(
         None,
         "--target-compact",
@@ -327,6 +333,7 @@ def convert(
         budget_scope=budget_scope,
         tie_channels=tie_channels,
         calibration_images=len(calib_files) if calibrated else 0,
+        compensate=compensate,
     )
     dev = _device(device)
     output = output or _default_output(checkpoint, ".anann.safetensors")
