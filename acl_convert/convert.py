@@ -465,7 +465,9 @@ def _convert_calibrated(checkpoint, layers, settings, calibration, model, progre
         else:
             selection = selections[name]
         fit = fits[name]
-        joint = _joint(lay, fit, selection, sd, mom, settings) if settings.joint else None
+        joint = None
+        if settings.joint:
+            joint, selection = _joint(lay, fit, selection, sd, mom, settings)
         acl = build_acl(lay, fit, selection, sd, joint=joint)
         results[name] = LayerResult(lay, fit, selection, acl, joint)
         set_submodule(current, name, copy.deepcopy(acl).eval())
@@ -533,10 +535,11 @@ def _meet_error_bound(lay, fit, selection, state_dict, moments, settings) -> Sel
 
 def _joint(
     lay, fit: FitResult, selection: Selection, state_dict, moments, settings
-) -> JointSolution:
+) -> tuple[JointSolution, Selection]:
     """The fit refined under the layer's full input moments: AKPs channel by channel (untied
-    fits by output error only), then all linear parameters together. ``error_before`` is the
-    error of the per-kernel fit as selected."""
+    fits by output error of small layers; a kernel may switch to a family with no more
+    parameters), then all linear parameters together. ``error_before`` is the error of the
+    per-kernel fit as selected. Returns the solution and the selection it ends with."""
     weight = state_dict[lay.weight_key].detach()
     bias = state_dict.get(f"{lay.name}.bias")
     codes, akps, gain, offset, has_offset = _per_kernel(fit, selection)
@@ -547,14 +550,29 @@ def _joint(
     cig = lay.shape[1]
     small = cig * h * w <= SWEEP_LIMIT
     if settings.fit_to == "output" and fit.channels is None and settings.sweeps and small:
-        akps, gain, offset, plain = refine_channels(
-            weight, codes, akps, gain, offset, has_offset, moments.full, sweeps=settings.sweeps
+        codes, akps, gain, offset, plain = refine_channels(
+            weight,
+            codes,
+            akps,
+            gain,
+            offset,
+            has_offset,
+            moments.full,
+            sweeps=settings.sweeps,
+            switch=fit.families,
+            offset_enabled=settings.offset,
         )
+        has_offset = torch.tensor(
+            [c != "P" and settings.offset and kernels.get(c).num_params > 0 for c in codes]
+        )
+        if codes != selection.codes:
+            choice = torch.tensor([fit.families.index(c) if c != "P" else -1 for c in codes])
+            selection = fit.selection_from(choice, settings.threshold_on)
     sol = resolve_joint(
         weight, bias, codes, akps, gain, offset, has_offset, moments.full, plain=plain
     )
     sol.error_before = before
-    return sol
+    return sol, selection
 
 
 def _per_kernel(fit: FitResult, selection: Selection):

@@ -257,10 +257,55 @@ def test_channel_sweeps_never_increase_the_output_error():
         return float(output_errors(W, approx.reshape(W.shape), mom.full)[0].sum())
 
     start = error(akps, gain, off)
-    new = refine_channels(
+    new_codes, *new = refine_channels(
         W, codes, akps, gain, off, torch.ones(co * ci, dtype=torch.bool), mom.full, sweeps=2
     )
+    assert new_codes == codes  # no switching asked for
     assert error(*new[:3]) < start
+
+
+def test_channel_sweeps_may_switch_to_a_cheaper_family_and_only_improve():
+    """With switching, a kernel moves only to a family with no more parameters, and the
+    layer's exact output error still only goes down."""
+    W, _bias, _x, mom = _toy_layer(seed=13)
+    co, ci, k, _ = W.shape
+    fams = ["G", "Lg", "Tf", "Ts", "Lt", "M"]
+    fit = fit_kernels(
+        W.reshape(-1, k, k),
+        families=fams,
+        device="cpu",
+        moments=mom.blocks().float(),
+        channel=torch.arange(ci).repeat(co),
+    )
+    sel = fit.select(1.0, on="output")
+    p_max = 4
+    akps = torch.zeros(co * ci, p_max, dtype=torch.float64)
+    gain = torch.zeros(co * ci, dtype=torch.float64)
+    off = torch.zeros(co * ci, dtype=torch.float64)
+    for j, c in enumerate(sel.codes):
+        n_akp = kernels.get(c).num_params
+        akps[j, :n_akp] = fit.params[c][j].double()
+        gain[j], off[j] = float(fit.gain[c][j]), float(fit.offset[c][j])
+    has_off = torch.tensor([kernels.get(c).num_params > 0 for c in sel.codes])
+
+    def error(codes, akps, gain, off):
+        approx = torch.zeros(co * ci, k, k, dtype=torch.float64)
+        for j, c in enumerate(codes):
+            fam = kernels.get(c)
+            approx[j] = gain[j] * fam(akps[j, : fam.num_params], k, k) + off[j]
+        return float(output_errors(W, approx.reshape(W.shape), mom.full)[0].sum())
+
+    start = error(sel.codes, akps, gain, off)
+    codes, akps2, gain2, off2, _plain = refine_channels(
+        W, sel.codes, akps, gain, off, has_off, mom.full, sweeps=1, switch=fams
+    )
+
+    def count(c):
+        n_akp = kernels.get(c).num_params
+        return n_akp + 1 + (n_akp > 0)
+
+    assert all(count(a) <= count(b) for a, b in zip(codes, sel.codes, strict=True))
+    assert error(codes, akps2, gain2, off2) < start
 
 
 # --- conversion end to end on a tiny network ----------------------------------------------------

@@ -227,7 +227,9 @@ def refine_channels(
     *,
     sweeps: int = 1,
     max_iter: int = 20,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    switch: Sequence[str] | None = None,
+    offset_enabled: bool = True,
+) -> tuple[list[str], Tensor, Tensor, Tensor, Tensor]:
     """Refit every ACK's AKPs, gain and offset under the *full* input moments, one input channel
     at a time (block Gauss-Seidel).
 
@@ -245,10 +247,15 @@ def refine_channels(
         akps: ``(K, P_max)`` AKPs in the paper's units; gain, offset, has_offset: ``(K,)``.
         moments: ``(G, D + 1, D + 1)`` full patch moments (last entry the constant 1).
         sweeps: passes over the input channels.
+        switch: families an ACK may switch to at each step (fitted afresh to its shifted
+            target), among those with no more parameters than its own, so a parameter budget
+            stays met; None keeps every kernel's family.
+        offset_enabled: whether ACKs carry offsets (for counting parameters when switching).
 
     Returns:
-        New ``akps``, ``gain``, ``offset`` (float64) and the plain kernels' values
-        ``(K, h, w)`` (original values where the kernel is an ACK).
+        The codes (changed only by ``switch``), new ``akps``, ``gain``, ``offset`` (float64)
+        and the plain kernels' values ``(K, h, w)`` (original values where the kernel is an
+        ACK).
     """
     from . import dictionary, lm, metric
 
@@ -270,8 +277,13 @@ def refine_channels(
         ]
     )
     factors, _ = metric.factor(blocks)
-    fams = {c: kernels.get(c) for c in set(codes) - {"P"}}
+    fams = {c: kernels.get(c) for c in (set(codes) | set(switch or ())) - {"P"}}
     code_arr = list(codes)
+    switch = [] if cg == 1 else list(switch or ())  # one channel: the first fit is exact
+
+    def count(c: str) -> int:
+        n_akp = fams[c].num_params
+        return n_akp + 1 + int(offset_enabled and n_akp > 0)
 
     def kernels_of(idx: Tensor, c: str) -> Tensor:
         fam = fams[c]
@@ -281,8 +293,9 @@ def refine_channels(
     # The current kernels (K, n), updated channel by channel as they are refitted.
     approx = plain.clone()
     for c in fams:
-        idx = torch.tensor([k for k, x in enumerate(code_arr) if x == c])
-        approx[idx] = kernels_of(idx, c)
+        idx = torch.tensor([k for k, x in enumerate(code_arr) if x == c], dtype=torch.long)
+        if len(idx):
+            approx[idx] = kernels_of(idx, c)
 
     for _ in range(sweeps):
         for p in range(cg):
@@ -341,4 +354,87 @@ def refine_channels(
                 gain[k_sel] = g_new[:, 0] * scale
                 offset[k_sel] = b_new[:, 0] * scale
                 approx[k_sel] = kernels_of(k_sel, c)
-    return akps, gain, offset, plain.reshape(co * cg, h, w)
+            if switch:
+                _switch_families(
+                    p,
+                    ks,
+                    target,
+                    code_arr,
+                    switch,
+                    count,
+                    fams,
+                    factors,
+                    blocks,
+                    group_of,
+                    cg,
+                    h,
+                    w,
+                    offset_enabled,
+                    akps,
+                    gain,
+                    offset,
+                    approx,
+                )
+    return code_arr, akps, gain, offset, plain.reshape(co * cg, h, w)
+
+
+def _switch_families(
+    p,
+    ks,
+    target,
+    code_arr,
+    switch,
+    count,
+    fams,
+    factors,
+    blocks,
+    group_of,
+    cg,
+    h,
+    w,
+    offset_enabled,
+    akps,
+    gain,
+    offset,
+    approx,
+) -> None:
+    """Refit input channel ``p``'s ACKs to their shifted targets with every family of
+    ``switch`` and move a kernel to the family with the lowest error among those with no more
+    parameters than its current one, when that beats its refitted current family (in place)."""
+    from . import lm
+    from .engine import fit_kernels
+
+    rows = [j for j, k in enumerate(ks.tolist()) if code_arr[k] != "P"]
+    if not rows:
+        return
+    rows_t = torch.tensor(rows)
+    k_sel = ks[rows_t]
+    t = target[rows_t]
+    chan = group_of[rows_t] * cg + p
+    a = factors[chan][:, None]
+    norm2 = lm.apply(t, a, False).square().sum((1, 2))
+    current = lm.apply(t - approx[k_sel], a, False).square().sum((1, 2))
+    fit = fit_kernels(
+        t.reshape(-1, h, w).float(),
+        families=switch,
+        offset=offset_enabled,
+        moments=blocks.float(),
+        channel=chan,
+    )
+    cost = fit.weighted.double().square() * norm2[:, None]  # (N, F), absolute
+    allowed = torch.tensor(
+        [[count(f) <= count(code_arr[k]) for f in fit.families] for k in k_sel.tolist()]
+    )
+    cost = torch.where(allowed, cost, torch.full_like(cost, float("inf")))
+    best, col = cost.min(1)
+    better = best < current * (1 - 1e-6)
+    for j in better.nonzero()[:, 0].tolist():
+        k, f = int(k_sel[j]), fit.families[int(col[j])]
+        n_akp = fams[f].num_params
+        code_arr[k] = f
+        akps[k] = 0
+        akps[k, :n_akp] = fit.params[f][j].double()
+        gain[k] = float(fit.gain[f][j])
+        offset[k] = float(fit.offset[f][j])
+        base = fams[f](akps[k : k + 1, :n_akp], h, w).reshape(-1)
+        approx[k] = gain[k] * base + offset[k]
