@@ -79,7 +79,7 @@ class Settings:
     budget_scope: str = "layer"
     tie_channels: bool = False
     calibration_images: int = 0
-    sweeps: int = 1
+    sweeps: int = 2
     compensate: bool = True
 
     @property

@@ -261,7 +261,10 @@ def convert(
         "\\[default: on with --calibration]",
     ),
     sweeps: int = typer.Option(
-        1, "--sweeps", help="Passes over the input channels when refitting jointly (0: none)."
+        2,
+        "--sweeps",
+        help="Passes over the input channels when refitting a small layer's AKPs under its "
+        "full input statistics (0: none).",
     ),
     compensate: bool = typer.Option(
         True,
