@@ -18,16 +18,17 @@ Four parts, each selected with ``--part``:
     residual, (j) channel-tied families (paper, and paper + extended).
 ``mobilenet``
     Every 3x3 conv of MobileNetV2 (18 layers, depthwise included), fidelity-first (fit to
-    output, joint, 1 sweep) under a compact-factor budget swept over targets and over both
-    budget scopes (per layer, whole model); the largest compact factor whose top-1 is within
-    1 point of the original, and the next step up, are then fine-tuned by distillation exactly
-    as ``bench/conversion_sweep.py`` does, for a fixed wall-time budget.
+    output, joint with the library's default sweeps) under a compact-factor budget swept over
+    targets and budget scopes (``--scopes``: per layer, whole model); the largest compact factor
+    whose top-1 is within 1 point of the original, and the next step up, are then fine-tuned by
+    distillation exactly as ``bench/conversion_sweep.py`` does, for a fixed wall-time budget.
 ``timing``
     SqueezeNet, every non-1x1 conv (``--layers all``: conv1 + 8 expand3x3 layers), default
-    fidelity-first mode (fit to output, joint, 1 sweep, threshold 0.3 on the output residual):
-    wall time of image loading and of ``convert()`` alone, peak RSS, per-layer relative output
-    error before/after the joint re-solve, top-1 and agreement. Run this part in its own process
-    for a clean peak RSS (it is the process's peak, so earlier parts would inflate it).
+    fidelity-first mode (fit to output, joint with the default sweeps, threshold 0.3 on the
+    output residual): wall time of image loading and of ``convert()`` alone, peak RSS, per-layer
+    relative output error before/after the joint re-solve, top-1 and agreement. Run this part in
+    its own process for a clean peak RSS (it is the process's peak, so earlier parts would
+    inflate it).
 
 **Split** (as in ``bench/conversion_sweep.py``): the 1000 images of
 ``../shared/data/imagenet/sample-images-1000`` sorted by file name; even positions are the
@@ -40,7 +41,7 @@ Usage::
 
     python bench/fidelity_first.py [--part squeezenet-table,squeezenet-modes,mobilenet,timing]
         [--images N] [--mobilenet-images N] [--errors 0.1] [--targets 0.2,0.3,0.4,0.5,0.6]
-        [--finetune-minutes 15] [--finetune-candidates 2] [--json OUT]
+        [--scopes model,layer] [--finetune-minutes 15] [--finetune-candidates 2] [--json OUT]
 
 Columns: *converted* = kernels made analytic; *compact* = Eq. 25 over the converted layers;
 *top-1* / *agree* (top-1 class equal to the original's) / *logits err* (relative L2 of the
@@ -628,7 +629,8 @@ def part_timing(args) -> dict:
         for res in conv.layers
     ]
     t = Table(
-        title=f"SqueezeNet --layers all, fidelity-first default (fit to output, joint, 1 sweep, "
+        title=f"SqueezeNet --layers all, fidelity-first default (fit to output, joint, "
+        f"{settings.sweeps} sweep(s), "
         f"tau 0.3 on output), {d.n_calib} calibration images: convert() {conv_s:.1f} s",
         title_justify="left",
     )
