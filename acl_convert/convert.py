@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import platform
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -413,7 +414,14 @@ def _budget_terms(fit: FitResult) -> tuple[Tensor, Tensor, int]:
 
 def _budget_choice(err: Tensor, sav: Tensor, plain: int, settings: Settings) -> Tensor:
     if settings.target_compact is not None:
-        choice, _met = budget.select_for_saving(err, sav, settings.target_compact * plain)
+        choice, met = budget.select_for_saving(err, sav, settings.target_compact * plain)
+        if not met:
+            # Every kernel at its cheapest family still keeps more parameters than asked.
+            warnings.warn(
+                f"--target-compact {settings.target_compact:g} is out of reach with families "
+                f"{','.join(settings.families)}: converted as compactly as they allow",
+                stacklevel=3,
+            )
         return choice
     return budget.select_for_error(err, sav, settings.max_output_error**2)
 
