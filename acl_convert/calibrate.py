@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 
-__all__ = ["Calibration", "LayerMoments", "execution_order"]
+__all__ = ["Calibration", "LayerMoments", "channel_blocks", "execution_order"]
 
 
 class _Stop(Exception):
@@ -57,13 +57,20 @@ class LayerMoments:
         """``(Ci, n, n)``: the diagonal block of every input channel (``n = h*w``), the moment
         that weights a single kernel's residual."""
         h, w = self.kernel_size
-        n, cg = h * w, self.channels_per_group
-        out = [
-            self.full[g, c * n : (c + 1) * n, c * n : (c + 1) * n]
-            for g in range(self.groups)
+        return channel_blocks(self.full, h * w)
+
+
+def channel_blocks(full: Tensor, n: int) -> Tensor:
+    """The ``(n, n)`` diagonal blocks of every input channel of full patch moments
+    ``(G, D + 1, D + 1)`` (``D = Ci/groups * n``), group by group: ``(Ci, n, n)``."""
+    cg = (full.shape[1] - 1) // n
+    return torch.stack(
+        [
+            full[g, c * n : (c + 1) * n, c * n : (c + 1) * n]
+            for g in range(full.shape[0])
             for c in range(cg)
         ]
-        return torch.stack(out)
+    )
 
 
 def execution_order(model: nn.Module, names: Sequence[str], example: Tensor) -> list[str]:

@@ -517,12 +517,17 @@ def _compensated(lay: ConvLayer, state_dict: dict[str, Tensor], mom: LayerMoment
     return view
 
 
-def _fitted_error(lay, fit: FitResult, selection: Selection, state_dict, moments) -> float:
-    """The layer's true relative output error with the per-kernel fits as selected (the full
-    moments: cross-channel terms included)."""
+def _fitted_errors(lay, fit: FitResult, selection: Selection, state_dict, moments):
+    """Squared output error and energy ``(Co,)`` of the layer with the per-kernel fits as
+    selected (the full moments: cross-channel terms included)."""
     weight = state_dict[lay.weight_key].detach()
     approx = build_acl(lay, fit, selection, state_dict).synthesize().detach()
-    err, energy = output_errors(weight, approx, moments.full, state_dict.get(f"{lay.name}.bias"))
+    return output_errors(weight, approx, moments.full, state_dict.get(f"{lay.name}.bias"))
+
+
+def _fitted_error(lay, fit: FitResult, selection: Selection, state_dict, moments) -> float:
+    """The layer's true relative output error with the per-kernel fits as selected."""
+    err, energy = _fitted_errors(lay, fit, selection, state_dict, moments)
     return float(err.sum() / energy.sum()) ** 0.5 if float(energy.sum()) > 0 else 0.0
 
 
@@ -552,8 +557,7 @@ def _joint(
     bias = state_dict.get(f"{lay.name}.bias")
     codes, akps, gain, offset, has_offset = _per_kernel(fit, selection)
     h, w = lay.kernel_size
-    approx = build_acl(lay, fit, selection, state_dict).synthesize().detach()
-    before, _ = output_errors(weight, approx, moments.full, bias)
+    before, _ = _fitted_errors(lay, fit, selection, state_dict, moments)
     plain = None
     cig = lay.shape[1]
     small = cig * h * w <= SWEEP_LIMIT

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import kernels
+from .. import kernels, pattern
+from ..calibrate import channel_blocks
+from . import dictionary, lm, metric
+from .engine import _linear_fit, fit_kernels
 from .threads import single_threaded
 
 __all__ = ["JointSolution", "resolve", "refine_channels", "output_errors"]
@@ -36,7 +39,6 @@ def output_errors(
     ``approx_bias`` (None: the same bias), under patch moments ``(G, D + 1, D + 1)``."""
     co = weight.shape[0]
     d = weight[0].numel()
-    n_groups = moments.shape[0]
     full = torch.zeros(co, d + 1, dtype=torch.float64)
     full[:, :d] = weight.double().reshape(co, d)
     if bias is not None:
@@ -45,9 +47,16 @@ def output_errors(
     diff[:, :d] -= approx.double().reshape(co, d)
     if bias is not None:
         diff[:, d] -= (bias if approx_bias is None else approx_bias).double()
-    sig = moments.double().repeat_interleave(co // n_groups, 0)  # (Co, D + 1, D + 1)
-    err = torch.einsum("qi,qij,qj->q", diff, sig, diff)
-    return err, torch.einsum("qi,qij,qj->q", full, sig, full)
+    return _quadratic(diff, moments), _quadratic(full, moments)
+
+
+def _quadratic(v: Tensor, moments: Tensor) -> Tensor:
+    """``v_q^T S_g(q) v_q`` ``(Co,)`` for vectors ``(Co, D + 1)`` and per-group moments
+    ``(G, D + 1, D + 1)``, output channels in consecutive groups (``S`` is not copied per
+    channel: 256 copies of a 577x577 moment would be 680 MB)."""
+    co, n_groups = v.shape[0], moments.shape[0]
+    grouped = v.view(n_groups, co // n_groups, -1)
+    return torch.einsum("gqi,gij,gqj->gq", grouped, moments.double(), grouped).reshape(co)
 
 
 @dataclass
@@ -146,10 +155,8 @@ def resolve(
         target[:, d] = b64
         start[:, d] = b64
     sig = moments.double()
-    diff = (target - start).view(n_groups, per_group, d + 1)
-    err_before = torch.einsum("gqi,gij,gqj->gq", diff, sig, diff).reshape(co)
-    tg = target.view(n_groups, per_group, d + 1)
-    energy = torch.einsum("gqi,gij,gqj->gq", tg, sig, tg).reshape(co)
+    err_before = _quadratic(target - start, sig)
+    energy = _quadratic(target, sig)
     err_after = err_before.clone()
     base3 = base.view(co, cg, n)
     for q in range(co):
@@ -257,8 +264,6 @@ def refine_channels(
         and the plain kernels' values ``(K, h, w)`` (original values where the kernel is an
         ACK).
     """
-    from . import dictionary, lm, metric
-
     co, cg, h, w = weight.shape
     n, d = h * w, cg * h * w
     n_groups = moments.shape[0]
@@ -269,26 +274,58 @@ def refine_channels(
     group_of = torch.arange(co) // per_group
     sig = moments.double()
     # The norm of every input channel's own block, factored once.
-    blocks = torch.stack(
-        [
-            sig[g, p * n : (p + 1) * n, p * n : (p + 1) * n]
-            for g in range(n_groups)
-            for p in range(cg)
-        ]
-    )
+    blocks = channel_blocks(sig, n)
     factors, _ = metric.factor(blocks)
     fams = {c: kernels.get(c) for c in (set(codes) | set(switch or ())) - {"P"}}
     code_arr = list(codes)
     switch = [] if cg == 1 else list(switch or ())  # one channel: the first fit is exact
 
     def count(c: str) -> int:
-        n_akp = fams[c].num_params
-        return n_akp + 1 + int(offset_enabled and n_akp > 0)
+        return pattern.params_per_kernel(c, h, w, gain=True, offset=offset_enabled)
 
     def kernels_of(idx: Tensor, c: str) -> Tensor:
         fam = fams[c]
         f = fam(akps[idx, : fam.num_params], h, w).reshape(len(idx), n)
         return gain[idx, None] * f + offset[idx, None]
+
+    def switch_families(p: int, ks: Tensor, target: Tensor) -> None:
+        """Refit input channel ``p``'s ACKs to their shifted targets ``(Co, n)`` with every
+        family of ``switch`` and move a kernel to the family with the lowest error among those
+        with no more parameters than its current one, when that beats its refitted current
+        family (in place)."""
+        rows = [j for j, k in enumerate(ks.tolist()) if code_arr[k] != "P"]
+        if not rows:
+            return
+        rows_t = torch.tensor(rows)
+        k_sel = ks[rows_t]
+        t = target[rows_t]
+        chan = group_of[rows_t] * cg + p
+        a = factors[chan][:, None]
+        norm2 = lm.apply(t, a, False).square().sum((1, 2))
+        current = lm.apply(t - approx[k_sel], a, False).square().sum((1, 2))
+        fit = fit_kernels(
+            t.reshape(-1, h, w).float(),
+            families=switch,
+            offset=offset_enabled,
+            moments=blocks.float(),
+            channel=chan,
+        )
+        cost = fit.weighted.double().square() * norm2[:, None]  # (N, F), absolute
+        allowed = torch.tensor(
+            [[count(f) <= count(code_arr[k]) for f in fit.families] for k in k_sel.tolist()]
+        )
+        cost = torch.where(allowed, cost, torch.full_like(cost, float("inf")))
+        best, col = cost.min(1)
+        better = best < current * (1 - 1e-6)
+        for j in better.nonzero()[:, 0].tolist():
+            k, f = int(k_sel[j]), fit.families[int(col[j])]
+            n_akp = fams[f].num_params
+            code_arr[k] = f
+            akps[k] = 0
+            akps[k, :n_akp] = fit.params[f][j].double()
+            gain[k] = float(fit.gain[f][j])
+            offset[k] = float(fit.offset[f][j])
+            approx[k] = kernels_of(torch.tensor([k]), f)[0]
 
     # The current kernels (K, n), updated channel by channel as they are refitted.
     approx = plain.clone()
@@ -346,8 +383,6 @@ def refine_channels(
                         proj=metric.projector(a, with_off),
                     )
                     akps[k_sel, : fam.num_params] = fam.from_unconstrained(u)
-                from .engine import _linear_fit
-
                 g_new, b_new, _, _ = _linear_fit(
                     fam, akps[k_sel, : fam.num_params], unit[:, None], h, w, with_off, a
                 )
@@ -355,86 +390,5 @@ def refine_channels(
                 offset[k_sel] = b_new[:, 0] * scale
                 approx[k_sel] = kernels_of(k_sel, c)
             if switch:
-                _switch_families(
-                    p,
-                    ks,
-                    target,
-                    code_arr,
-                    switch,
-                    count,
-                    fams,
-                    factors,
-                    blocks,
-                    group_of,
-                    cg,
-                    h,
-                    w,
-                    offset_enabled,
-                    akps,
-                    gain,
-                    offset,
-                    approx,
-                )
+                switch_families(p, ks, target)
     return code_arr, akps, gain, offset, plain.reshape(co * cg, h, w)
-
-
-def _switch_families(
-    p,
-    ks,
-    target,
-    code_arr,
-    switch,
-    count,
-    fams,
-    factors,
-    blocks,
-    group_of,
-    cg,
-    h,
-    w,
-    offset_enabled,
-    akps,
-    gain,
-    offset,
-    approx,
-) -> None:
-    """Refit input channel ``p``'s ACKs to their shifted targets with every family of
-    ``switch`` and move a kernel to the family with the lowest error among those with no more
-    parameters than its current one, when that beats its refitted current family (in place)."""
-    from . import lm
-    from .engine import fit_kernels
-
-    rows = [j for j, k in enumerate(ks.tolist()) if code_arr[k] != "P"]
-    if not rows:
-        return
-    rows_t = torch.tensor(rows)
-    k_sel = ks[rows_t]
-    t = target[rows_t]
-    chan = group_of[rows_t] * cg + p
-    a = factors[chan][:, None]
-    norm2 = lm.apply(t, a, False).square().sum((1, 2))
-    current = lm.apply(t - approx[k_sel], a, False).square().sum((1, 2))
-    fit = fit_kernels(
-        t.reshape(-1, h, w).float(),
-        families=switch,
-        offset=offset_enabled,
-        moments=blocks.float(),
-        channel=chan,
-    )
-    cost = fit.weighted.double().square() * norm2[:, None]  # (N, F), absolute
-    allowed = torch.tensor(
-        [[count(f) <= count(code_arr[k]) for f in fit.families] for k in k_sel.tolist()]
-    )
-    cost = torch.where(allowed, cost, torch.full_like(cost, float("inf")))
-    best, col = cost.min(1)
-    better = best < current * (1 - 1e-6)
-    for j in better.nonzero()[:, 0].tolist():
-        k, f = int(k_sel[j]), fit.families[int(col[j])]
-        n_akp = fams[f].num_params
-        code_arr[k] = f
-        akps[k] = 0
-        akps[k, :n_akp] = fit.params[f][j].double()
-        gain[k] = float(fit.gain[f][j])
-        offset[k] = float(fit.offset[f][j])
-        base = fams[f](akps[k : k + 1, :n_akp], h, w).reshape(-1)
-        approx[k] = gain[k] * base + offset[k]

@@ -14,6 +14,7 @@ import math
 import torch
 
 from .family import KernelFamily, Param
+from .gabor import GABOR
 from .gabor import _canonical as _gabor_canonical
 from .registry import register
 
@@ -46,23 +47,9 @@ GABOR_EXT = register(
     KernelFamily(
         code="Ge",
         name="gabor_ext",
+        # Wavelength and orientation mean exactly what they mean in the paper's Gabor.
         params=(
-            Param(
-                "lambda",
-                "px",
-                "positive",
-                "(0, inf)",
-                lambda h, w: (2.0, max(3.0, 2.0 * max(h, w))),
-                "wavelength of the sinusoid",
-            ),
-            Param(
-                "theta",
-                "rad",
-                "angle",
-                "[0, pi) canonical",
-                lambda h, w: (0.0, math.pi),
-                "orientation of the wave vector (from the row axis)",
-            ),
+            *GABOR.params[:2],
             Param(
                 "psi",
                 "rad",
