@@ -8,7 +8,7 @@ Public names (SPEC §5): :mod:`acl_convert.kernels` (kernel families), :mod:`acl
 __version__ = "0.1.0"
 
 from . import fit, kernels, pattern  # noqa: E402
-from .anann import load_anann  # noqa: E402
-from .layer import ACL  # noqa: E402
+from .io.anann import load_anann  # noqa: E402
+from .nn.acl import ACL  # noqa: E402
 
 __all__ = ["__version__", "ACL", "load_anann", "fit", "kernels", "pattern"]

@@ -3,7 +3,7 @@
 a short distillation fine-tune (issue 5, result 1).
 
 For each model (SqueezeNet 1.0's first conv; every 3x3 conv of MobileNetV2, depthwise included),
-each threshold and offset on/off: convert with ``acl_convert.convert``, evaluate the AnaNN on the
+each threshold and offset on/off: convert with ``acl_convert.pipeline``, evaluate the AnaNN on the
 evaluation half of ``../shared/data/imagenet/sample-images-1000`` (top-1, top-5, top-1 agreement
 with the original, logits relative error), fine-tune it by distillation from the original on the
 other half (disjoint: images with even index evaluate, odd index train), and evaluate again. The
@@ -39,13 +39,13 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from acl_convert.arch import build_model  # noqa: E402
-from acl_convert.checkpoint import load_checkpoint  # noqa: E402
-from acl_convert.convert import Settings, convert  # noqa: E402
-from acl_convert.evaluate import evaluate  # noqa: E402
-from acl_convert.finetune import FinetuneConfig, finetune  # noqa: E402
-from acl_convert.images import load_image, preprocessing  # noqa: E402
-from acl_convert.layers import conv_layers, select_layers  # noqa: E402
+from acl_convert.io.arch import build_model  # noqa: E402
+from acl_convert.io.checkpoint import load_checkpoint  # noqa: E402
+from acl_convert.io.images import load_image, preprocessing  # noqa: E402
+from acl_convert.network.convs import conv_layers, select_layers  # noqa: E402
+from acl_convert.pipeline import Settings, convert  # noqa: E402
+from acl_convert.train.evaluate import evaluate  # noqa: E402
+from acl_convert.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 IMAGES = DATA / "imagenet" / "sample-images-1000"

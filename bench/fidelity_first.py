@@ -80,13 +80,13 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from acl_convert import kernels  # noqa: E402
-from acl_convert.arch import build_model  # noqa: E402
-from acl_convert.calibrate import Calibration  # noqa: E402
-from acl_convert.checkpoint import load_checkpoint  # noqa: E402
-from acl_convert.convert import Settings, convert  # noqa: E402
-from acl_convert.evaluate import evaluate  # noqa: E402
-from acl_convert.finetune import FinetuneConfig, finetune  # noqa: E402
-from acl_convert.layers import conv_layers, select_layers  # noqa: E402
+from acl_convert.calibration.moments import Calibration  # noqa: E402
+from acl_convert.io.arch import build_model  # noqa: E402
+from acl_convert.io.checkpoint import load_checkpoint  # noqa: E402
+from acl_convert.network.convs import conv_layers, select_layers  # noqa: E402
+from acl_convert.pipeline import Settings, convert  # noqa: E402
+from acl_convert.train.evaluate import evaluate  # noqa: E402
+from acl_convert.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
 PARTS = ("squeezenet-table", "squeezenet-modes", "mobilenet", "timing")
 PAPER = tuple(kernels.PAPER_FAMILIES)

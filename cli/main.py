@@ -125,8 +125,8 @@ def _progress(quiet: bool) -> Progress:
 def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool, required: bool = False):
     """Checkpoint, architecture name (given or detected) and its model (or None; with
     ``required`` an unknown architecture is an error)."""
-    from acl_convert.arch import build_model, check_fits, detect_arch
-    from acl_convert.checkpoint import load_checkpoint
+    from acl_convert.io.arch import build_model, check_fits, detect_arch
+    from acl_convert.io.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     model = None
@@ -303,14 +303,14 @@ def convert(
     debug: bool = DebugOpt,
 ) -> None:
     """Convert selected convolutions of CHECKPOINT into ACLs; write an AnaNN and a report."""
-    from acl_convert.convert import DEFAULT_THRESHOLD, Settings
-    from acl_convert.convert import convert as run_convert
-    from acl_convert.files import atomic_path, check_writable
-    from acl_convert.layers import conv_layers, select_layers
-    from acl_convert.report import build_report, print_report
+    from acl_convert.io.outputs import atomic_path, check_writable
+    from acl_convert.network.convs import conv_layers, select_layers
+    from acl_convert.pipeline import DEFAULT_THRESHOLD, Settings
+    from acl_convert.pipeline import convert as run_convert
+    from acl_convert.report.document import build_report, print_report
 
     if calibration is not None:
-        from acl_convert.images import list_images
+        from acl_convert.io.images import list_images
 
         calib_files = list_images(calibration, limit=calibration_limit)
     calibrated = calibration is not None
@@ -355,7 +355,7 @@ def convert(
         raise UsageError("--calibration needs a known architecture; pass --arch NAME")
     mosaic_paths = {}
     if mosaic is not None:
-        from acl_convert.mosaic import mosaic_path
+        from acl_convert.report.mosaic import mosaic_path
 
         for lay in chosen:
             mosaic_paths[lay.name] = check_writable(
@@ -400,12 +400,12 @@ def convert(
         # Everything is written to temporary files first and renamed together at the end.
         tmp_out = stack.enter_context(atomic_path(output))
         tmp_rep = stack.enter_context(atomic_path(report_path))
-        from acl_convert.anann import save_anann
+        from acl_convert.io.anann import save_anann
 
         save_anann(tmp_out, result.tensors(), result.header())
         tmp_rep.write_text(json.dumps(doc, indent=1))
         if mosaic_paths:
-            from acl_convert.mosaic import render_mosaic
+            from acl_convert.report.mosaic import render_mosaic
 
             for res in result.layers:
                 original = ckpt.state_dict[res.layer.weight_key].float()
@@ -425,8 +425,8 @@ def convert(
 def _calibration_images(files, arch, quiet):
     """The calibration images, preprocessed as the architecture expects and held in memory
     (500 images at 224 px are 300 MB): every converted layer runs them again."""
-    from acl_convert.calibrate import Calibration
-    from acl_convert.images import load_batches, preprocessing
+    from acl_convert.calibration.moments import Calibration
+    from acl_convert.io.images import load_batches, preprocessing
 
     transform = preprocessing(arch)
     with _progress(quiet) as bar:
@@ -440,7 +440,7 @@ def _calibration_images(files, arch, quiet):
 
 
 def _fidelity(model, result, calib, quiet):
-    from acl_convert.fidelity import measure_fidelity
+    from acl_convert.calibration.fidelity import measure_fidelity
 
     original = model
     # Not strict: a checkpoint without BN's num_batches_tracked loaded fine before.
@@ -475,7 +475,7 @@ def layers_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """List the convolutions of CHECKPOINT that can be converted."""
-    from acl_convert.layers import conv_layers, eligible, estimate_fit_seconds
+    from acl_convert.network.convs import conv_layers, eligible, estimate_fit_seconds
 
     ckpt, arch, model = _load(checkpoint, trust_pickle, arch, quiet or as_json)
     rows = []
@@ -532,8 +532,8 @@ def bake(
     debug: bool = DebugOpt,
 ) -> None:
     """Bake an AnaNN back into plain convolution weights (loads into the original model)."""
-    from acl_convert.anann import bake_state_dict, read_anann
-    from acl_convert.files import check_writable, write_atomic
+    from acl_convert.io.anann import bake_state_dict, read_anann
+    from acl_convert.io.outputs import check_writable, write_atomic
 
     check_writable(output, force=force)
     state = bake_state_dict(read_anann(anann))
@@ -560,8 +560,8 @@ def export(
     debug: bool = DebugOpt,
 ) -> None:
     """Export the AKP table of an AnaNN (no refitting) as JSON or CSV."""
-    from acl_convert.export import akp_table, to_csv
-    from acl_convert.files import check_writable, write_atomic
+    from acl_convert.io.outputs import check_writable, write_atomic
+    from acl_convert.report.akp_table import akp_table, to_csv
 
     if fmt not in ("json", "csv"):
         raise UsageError(f"--format must be json or csv, got {fmt!r}")
@@ -584,7 +584,7 @@ def info(
     debug: bool = DebugOpt,
 ) -> None:
     """Describe a checkpoint or an AnaNN."""
-    from acl_convert.anann import is_anann, read_anann
+    from acl_convert.io.anann import is_anann, read_anann
 
     if is_anann(file):
         ana = read_anann(file)
@@ -615,9 +615,9 @@ def info(
             )
         out.print(table)
         return
-    from acl_convert.arch import detect_arch
-    from acl_convert.checkpoint import load_checkpoint
-    from acl_convert.layers import conv_layers, eligible
+    from acl_convert.io.arch import detect_arch
+    from acl_convert.io.checkpoint import load_checkpoint
+    from acl_convert.network.convs import conv_layers, eligible
 
     ckpt = load_checkpoint(file, trust_pickle=trust_pickle)
     arch = detect_arch(ckpt.state_dict)
@@ -682,9 +682,9 @@ def evaluate_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Measure the top-1 and top-5 accuracy of MODEL on a folder of labelled images."""
-    from acl_convert.data import labelled_images
-    from acl_convert.evaluate import evaluate, num_outputs
-    from acl_convert.images import load_image, preprocessing
+    from acl_convert.io.images import load_image, preprocessing
+    from acl_convert.io.labelled import labelled_images
+    from acl_convert.train.evaluate import evaluate, num_outputs
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
@@ -735,8 +735,8 @@ def evaluate_cmd(
 def _load_network(path: Path, arch: str | None, trust_pickle: bool, quiet: bool):
     """The network stored in ``path`` (an AnaNN or a plain checkpoint) with its weights, and its
     architecture: ``arch`` when given, else recorded in the AnaNN or detected."""
-    from acl_convert.anann import is_anann, load_anann, read_anann
-    from acl_convert.arch import build_model
+    from acl_convert.io.anann import is_anann, load_anann, read_anann
+    from acl_convert.io.arch import build_model
 
     if is_anann(path):
         if not arch:
@@ -843,10 +843,10 @@ def finetune_cmd(
     """Fine-tune an AnaNN: distil from the original network, or train on labels."""
     import torch
 
-    from acl_convert.anann import read_anann
-    from acl_convert.files import check_writable
-    from acl_convert.finetune import FinetuneConfig, finetune, require_state, state_path
-    from acl_convert.images import list_images, load_image, preprocessing
+    from acl_convert.io.anann import read_anann
+    from acl_convert.io.images import list_images, load_image, preprocessing
+    from acl_convert.io.outputs import check_writable
+    from acl_convert.train.finetune import FinetuneConfig, finetune, require_state, state_path
 
     config = FinetuneConfig(
         objective=objective,
@@ -876,8 +876,8 @@ def finetune_cmd(
     student, arch = _load_network(anann, arch, trust_pickle, quiet)
     transform = preprocessing(arch)
     if objective == "labels":
-        from acl_convert.data import labelled_images
-        from acl_convert.evaluate import num_outputs
+        from acl_convert.io.labelled import labelled_images
+        from acl_convert.train.evaluate import num_outputs
 
         dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
         dataset.check_labels(num_outputs(student, load_image(dataset.samples[0].path, transform)))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from acl_convert import arch
-from acl_convert.arch import build_model, check_fits, detect_arch, list_archs
-from acl_convert.checkpoint import load_checkpoint
 from acl_convert.errors import UsageError
+from acl_convert.io import arch
+from acl_convert.io.arch import build_model, check_fits, detect_arch, list_archs
+from acl_convert.io.checkpoint import load_checkpoint
 
 WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weights"
 

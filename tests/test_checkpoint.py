@@ -17,9 +17,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from acl_convert import checkpoint as checkpoint_module
-from acl_convert.checkpoint import WRAPPER_KEYS, Checkpoint, load_checkpoint, sha256_file
 from acl_convert.errors import UsageError, UserError
+from acl_convert.io import checkpoint as checkpoint_module
+from acl_convert.io.checkpoint import WRAPPER_KEYS, Checkpoint, load_checkpoint, sha256_file
 
 WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weights"
 SQUEEZENET = WEIGHTS / "squeezenet1_0_deepcompression_tvnorm.pth"

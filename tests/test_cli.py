@@ -20,9 +20,9 @@ import torchvision
 from torch import nn
 
 import acl_convert
-from acl_convert import checkpoint as checkpoint_module
-from acl_convert import files as files_module
 from acl_convert.errors import UserError
+from acl_convert.io import checkpoint as checkpoint_module
+from acl_convert.io import outputs as files_module
 
 TINY_STEM = "tiny"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -183,7 +183,7 @@ def test_force_overwrites(invoke, tiny, work):
     result = invoke(tiny, "--layers", "conv1", "-q", "--force")
     assert result.exit_code == 0, result.stderr
     assert json.loads((work / "tiny.report.json").read_text())["format"] == "acl-convert/report"
-    assert acl_convert.anann.is_anann(work / "tiny.anann.safetensors")
+    assert acl_convert.io.anann.is_anann(work / "tiny.anann.safetensors")
 
 
 def test_trust_pickle_allows_a_pickled_model(invoke, work):
@@ -242,7 +242,7 @@ def test_interrupt_leaves_nothing(invoke, tiny, work, files_in, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("acl_convert.convert.fit_kernels", interrupted)
+    monkeypatch.setattr("acl_convert.pipeline.fit_kernels", interrupted)
     before = files_in(work)
     result = invoke(tiny, "--layers", "conv1", "-q")
     assert result.exit_code == 130
@@ -257,7 +257,7 @@ def test_failure_while_writing_leaves_no_partial_files(invoke, tiny, work, files
     def broken(*args, **kwargs):
         raise UserError("disk full while drawing; free some space")
 
-    monkeypatch.setattr("acl_convert.mosaic.render_mosaic", broken)
+    monkeypatch.setattr("acl_convert.report.mosaic.render_mosaic", broken)
     before = files_in(work)
     result = invoke(tiny, "--layers", "conv1", "-q", "--mosaic", "m.png")
     assert_quiet_error(result, 1, "disk full")

@@ -16,7 +16,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from acl_convert import ACL, kernels, load_anann
-from acl_convert.report import SCHEMA
+from acl_convert.report.document import SCHEMA
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with the dev extra")
 
@@ -93,7 +93,7 @@ def test_anann_forward_equals_baked_forward(converted, invoke):
 def test_baked_kernels_are_the_fitted_ones_and_others_untouched(converted):
     """Bake replaces exactly the converted weights; each ACK is within its reported residual of
     the original kernel, and plain kernels are copied bit for bit."""
-    from acl_convert.checkpoint import load_checkpoint
+    from acl_convert.io.checkpoint import load_checkpoint
 
     original = load_checkpoint(converted["ckpt"]).state_dict
     ana = load_anann(converted["anann"])

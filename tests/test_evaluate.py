@@ -18,9 +18,9 @@ import pytest
 import torch
 import torchvision
 
-from acl_convert.data import labelled_images
 from acl_convert.errors import UsageError, UserError
-from acl_convert.evaluate import evaluate
+from acl_convert.io.labelled import labelled_images
+from acl_convert.train.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES_TSV = REPO.parent / "shared" / "data" / "imagenet" / "imagenet_classes.tsv"

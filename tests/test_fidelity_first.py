@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from acl_convert import kernels
-from acl_convert.calibrate import Calibration, execution_order
-from acl_convert.checkpoint import Checkpoint
-from acl_convert.convert import Settings, convert
+from acl_convert.calibration.moments import Calibration, execution_order
 from acl_convert.errors import UsageError
 from acl_convert.fit import fit_kernels, metric
 from acl_convert.fit.joint import output_errors, refine_channels, resolve
-from acl_convert.layers import conv_layers
+from acl_convert.io.checkpoint import Checkpoint
+from acl_convert.network.convs import conv_layers
+from acl_convert.pipeline import Settings, convert
 
 torch.set_default_dtype(torch.float32)
 
@@ -432,7 +432,7 @@ def test_tied_fit_recovers_a_planted_rgb_triple():
 def test_tied_conversion_equals_its_untied_equivalent(tiny_setup):
     """A tied conversion's ACL computes exactly what an untied ACL with the shared AKPs copied
     to every kernel computes, and its compact factor counts the shared AKPs once."""
-    from acl_convert.layer import ACL
+    from acl_convert.nn.acl import ACL
 
     conv = convert(
         tiny_setup[1], tiny_setup[2][:1], Settings(device="cpu", threshold=1.0, tie_channels=True)
@@ -559,7 +559,7 @@ def test_compensated_target_undoes_upstream_error(tiny_setup):
     """With conv1 converted, the compensated conv2 weight (S^-1 C a) reproduces the *original*
     network's conv2 output from the converted inputs better than the original weight does,
     measured by running the networks; for the first layer it is the original weight."""
-    from acl_convert.convert import _compensated
+    from acl_convert.pipeline import _compensated
 
     model, ckpt, layers, calib, x = tiny_setup
     first = convert(ckpt, layers[:1], Settings(device="cpu", threshold=1.0))

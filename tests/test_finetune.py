@@ -14,16 +14,16 @@ from torch import nn
 from torchvision import transforms as T
 
 from acl_convert import ACL, load_anann
-from acl_convert.anann import read_anann
 from acl_convert.errors import UsageError, UserError
-from acl_convert.finetune import (
+from acl_convert.io.anann import read_anann
+from acl_convert.io.images import load_image
+from acl_convert.train.finetune import (
     FinetuneConfig,
     acl_layers,
     finetune,
     param_groups,
     state_path,
 )
-from acl_convert.images import load_image
 
 # Small images keep the real SqueezeNet cheap on a CPU; the network accepts any size >= ~64.
 SMALL = T.Compose(

@@ -1,4 +1,4 @@
-"""Tests of the Analytic Convolutional Layer (``acl_convert.layer.ACL``, SPEC §2, §3, §5).
+"""Tests of the Analytic Convolutional Layer (``acl_convert.nn.acl.ACL``, SPEC §2, §3, §5).
 
 The layer is a drop-in for ``nn.Conv2d``: every test that can compares it with ``nn.Conv2d`` or
 ``F.conv2d`` built from the same arguments, rather than with the layer's own helpers. Expected
@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from acl_convert import kernels, pattern
-from acl_convert.layer import ACL
+from acl_convert.nn.acl import ACL
 
 #: Every family, Mean and Plain included; cycling through it interleaves families kernel by kernel.
 ALL = ("G", "Lg", "Tf", "Ts", "Lt", "M", "P")

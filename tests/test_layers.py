@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from acl_convert.arch import build_model
-from acl_convert.checkpoint import load_checkpoint
 from acl_convert.errors import UsageError, UserError
-from acl_convert.layers import (
+from acl_convert.io.arch import build_model
+from acl_convert.io.checkpoint import load_checkpoint
+from acl_convert.network.convs import (
     ConvLayer,
     conv_layers,
     eligible,
@@ -124,7 +124,7 @@ def test_glob_and_all(resnet):
 def test_glob_skipping_1x1_is_noted(resnet, caplog):
     state, _ = resnet
     notes = []
-    with caplog.at_level(logging.INFO, logger="acl_convert.layers"):
+    with caplog.at_level(logging.INFO, logger="acl_convert.network.convs"):
         picked = select(["layer2.0.*"], state, on_note=notes.append)
     assert picked == ["layer2.0.conv1", "layer2.0.conv2"]
     assert len(notes) == 1 and "skipped 1 of 3" in notes[0]

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from acl_convert import kernels, mosaic
-from acl_convert.mosaic import (
+from acl_convert import kernels
+from acl_convert.report import mosaic
+from acl_convert.report.mosaic import (
     FAMILY_COLOURS,
     family_colour,
     mosaic_path,

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from acl_convert import kernels, load_anann, pattern
-from acl_convert.anann import bake_state_dict, read_anann, save_anann
-from acl_convert.export import akp_table, to_csv
-from acl_convert.finetune import FinetuneConfig, _akp_damping, finetune
-from acl_convert.layer import ACL, channel_rows
-from acl_convert.mosaic import render_mosaic
+from acl_convert.io.anann import bake_state_dict, read_anann, save_anann
+from acl_convert.nn.acl import ACL, channel_rows
+from acl_convert.report.akp_table import akp_table, to_csv
+from acl_convert.report.mosaic import render_mosaic
+from acl_convert.train.finetune import FinetuneConfig, _akp_damping, finetune
 
 FAMILIES = ("G", "Lg", "Tf", "Ts", "Lt", "M")
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels, pattern
-from ..calibrate import channel_blocks
+from ..calibration.moments import channel_blocks
 from . import dictionary, lm, metric
 from .engine import _linear_fit, fit_kernels
 from .threads import single_threaded
@@ -113,7 +113,7 @@ def resolve(
             ``num_params`` columns of a kernel's family are read).
         gain, offset: ``(K,)`` the fitted values (the starting point, for ``error_before``).
         has_offset: ``(K,)`` bool, which ACKs carry an offset.
-        moments: ``(G, D + 1, D + 1)`` patch moments of :class:`acl_convert.calibrate.LayerMoments`
+        moments: ``(G, D + 1, D + 1)`` patch moments of :class:`acl_convert.calibration.moments.LayerMoments`
             (``D = Ci/groups * h * w``, the last entry the constant 1).
         plain: ``(K, h, w)`` current values of the plain kernels (default: the original ones).
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError, UserError
+from ..errors import UsageError, UserError
 
 __all__ = ["check_writable", "atomic_path", "write_atomic"]
 

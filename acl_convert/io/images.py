@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "preprocessing", "load_batches"]
 

@@ -21,16 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__, kernels, pattern
-from .anann import save_anann, set_submodule
-from .calibrate import Calibration, LayerMoments, execution_order
-from .checkpoint import Checkpoint
+from .calibration.moments import Calibration, LayerMoments, execution_order
 from .errors import UsageError, UserError
 from .fit import SELECT_MODES, FitResult, Selection, budget, fit_kernels
 from .fit.joint import JointSolution, output_errors, refine_channels
 from .fit.joint import resolve as resolve_joint
 from .fit.threads import fit_threads
-from .layer import ACL
-from .layers import ConvLayer
+from .io.anann import save_anann, set_submodule
+from .io.checkpoint import Checkpoint
+from .network.convs import ConvLayer
+from .nn.acl import ACL
 
 __all__ = ["Settings", "LayerResult", "Conversion", "convert", "DEFAULT_THRESHOLD"]
 
@@ -252,7 +252,7 @@ def convert(
 
     Args:
         checkpoint: the loaded source checkpoint.
-        layers: the selected convolutions (see :func:`acl_convert.layers.select_layers`).
+        layers: the selected convolutions (see :func:`acl_convert.network.convs.select_layers`).
         settings: families, offset, threshold or budget, selection rule, device and seed.
         arch: the torchvision architecture, when known (recorded in the header).
         progress: called as ``progress(task, done, total)`` while fitting, with one task per

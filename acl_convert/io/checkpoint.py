@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["Checkpoint", "load_checkpoint", "sha256_file", "WRAPPER_KEYS", "PREFIXES"]
 

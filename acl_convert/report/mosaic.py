@@ -27,8 +27,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from . import kernels
-from .files import write_atomic
+from .. import kernels
+from ..io.outputs import write_atomic
 
 __all__ = ["FAMILY_COLOURS", "family_colour", "render_mosaic", "save_mosaic", "mosaic_path"]
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels, pattern
+from .. import kernels, pattern
 
 __all__ = ["ACL", "channel_rows"]
 

@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["list_archs", "build_model", "detect_arch", "check_fits"]
 
@@ -177,7 +177,7 @@ def detect_arch(state_dict: Mapping[str, Tensor]) -> str | None:
 
     Args:
         state_dict: ``{key: tensor}`` (prefixes already stripped, see
-            :func:`acl_convert.checkpoint.load_checkpoint`).
+            :func:`acl_convert.io.checkpoint.load_checkpoint`).
 
     Returns:
         The name (as for :func:`build_model`), or None when no architecture matches.

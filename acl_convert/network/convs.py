@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from torch import Tensor, nn
 
-from .errors import UsageError, UserError
+from ..errors import UsageError, UserError
 
 __all__ = [
     "ConvLayer",

@@ -28,9 +28,9 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
-from .files import write_atomic
-from .layer import ACL
+from ..errors import UserError
+from ..nn.acl import ACL
+from .outputs import write_atomic
 
 __all__ = [
     "FORMAT",

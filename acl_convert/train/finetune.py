@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .anann import save_anann
-from .errors import UsageError, UserError
-from .files import write_atomic
-from .fit import lm
-from .layer import ACL
+from .. import kernels
+from ..errors import UsageError, UserError
+from ..fit import lm
+from ..io.anann import save_anann
+from ..io.outputs import write_atomic
+from ..nn.acl import ACL
 
 __all__ = [
     "GROUPS",

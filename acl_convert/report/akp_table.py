@@ -7,8 +7,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from . import kernels
-from .anann import build_layer, read_anann
+from .. import kernels
+from ..io.anann import build_layer, read_anann
 
 __all__ = ["akp_table", "to_csv"]
 

@@ -12,8 +12,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from . import kernels
-from .convert import Conversion, LayerResult
+from .. import kernels
+from ..pipeline import Conversion, LayerResult
 
 __all__ = ["build_report", "print_report", "kernel_rows", "SCHEMA", "REPORT_FORMAT"]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import UsageError, UserError
+from ..errors import UsageError, UserError
 from .images import list_images, load_image
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["Calibration", "LayerMoments", "channel_blocks", "execution_order"]
 
