@@ -1,14 +1,37 @@
 """acl-convert: turn pretrained CNN convolutions into Analytic Convolutional Layers (ACLs).
 
-Public names (SPEC §5): :mod:`acl_convert.kernels` (kernel families), :mod:`acl_convert.pattern`
-(arrangement patterns, compact factor), :mod:`acl_convert.fit` (``fit_kernels``),
-:class:`ACL` (the layer) and :func:`load_anann` (AnaNN checkpoints as modules).
+Public names (SPEC §5): :func:`convert_model` and :func:`convert_checkpoint` (the one entry
+point, returning a :class:`Conversion`), :class:`ACL` (the layer), :func:`load_anann` (AnaNN
+checkpoints as modules), :mod:`acl_convert.kernels` (kernel families),
+:mod:`acl_convert.pattern` (arrangement patterns, compact factor) and :mod:`acl_convert.fit`
+(``fit_kernels``).
+
+The sub-packages are the layers of the design: ``kernels`` (families as data), ``nn`` (the ACL
+and the per-kernel assignment it is built from), ``fit`` (the fitting engine, selection,
+budgets, joint re-solve), ``calibration`` (input statistics, fidelity), ``network`` (finding and
+replacing a network's convolutions), ``io`` (checkpoints, architectures, the AnaNN file, images,
+output files), ``report`` (report, tables, pictures, AKP tables), ``train`` (evaluate,
+fine-tune); ``pipeline`` joins them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import fit, kernels, pattern  # noqa: E402
+from .conversion import Conversion  # noqa: E402
 from .io.anann import load_anann  # noqa: E402
 from .nn.acl import ACL  # noqa: E402
+from .pipeline import convert_checkpoint, convert_model  # noqa: E402
+from .settings import Settings  # noqa: E402
 
-__all__ = ["__version__", "ACL", "load_anann", "fit", "kernels", "pattern"]
+__all__ = [
+    "__version__",
+    "ACL",
+    "Conversion",
+    "Settings",
+    "convert_model",
+    "convert_checkpoint",
+    "load_anann",
+    "fit",
+    "kernels",
+    "pattern",
+]

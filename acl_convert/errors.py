@@ -3,17 +3,57 @@
 The CLI prints ``error: <message>`` for these and exits with :attr:`UserError.exit_code`
 (2 for usage errors, 1 for the rest) without a traceback; anything else is a bug and keeps
 its traceback.
+
+A message names a setting with :func:`option`, so the library and the command line each say it
+their own way: ``target_compact`` / ``force=True`` from Python, ``--target-compact`` /
+``--force`` from the CLI (:meth:`UserError.cli_message`).
 """
 
 from __future__ import annotations
 
-__all__ = ["UserError", "UsageError"]
+import re
+
+__all__ = ["UserError", "UsageError", "option"]
+
+# An option inside a message: name, then optionally "=" and the value, between two separators
+# that never occur in text.
+_OPTION = re.compile("\x1e([A-Za-z_][A-Za-z0-9_]*)(?:=([^\x1f]*))?\x1f")
+
+
+def option(name: str, value: object = None) -> str:
+    """How a message names setting ``name`` (its Python name), optionally with a value:
+    ``option("arch", "NAME")`` reads ``arch=NAME`` from Python and ``--arch NAME`` on the
+    command line; ``option("force", True)`` reads ``force=True`` and ``--force``;
+    ``option("offset", False)`` reads ``offset=False`` and ``--no-offset``."""
+    return f"\x1e{name}" + ("" if value is None else f"={value}") + "\x1f"
+
+
+def _python(match: re.Match) -> str:
+    name, value = match.group(1), match.group(2)
+    return name if value is None else f"{name}={value}"
+
+
+def _flag(match: re.Match) -> str:
+    name, value = match.group(1), match.group(2)
+    flag = "--" + name.replace("_", "-")
+    if value == "True":
+        return flag
+    if value == "False":
+        return "--no-" + name.replace("_", "-")
+    return flag if value is None else f"{flag} {value}"
 
 
 class UserError(Exception):
     """A problem with the user's input or environment (exit code 1)."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return _OPTION.sub(_python, super().__str__())
+
+    def cli_message(self) -> str:
+        """The message with settings named by their command-line flags."""
+        return _OPTION.sub(_flag, super().__str__())
 
 
 class UsageError(UserError):

@@ -53,6 +53,7 @@ __all__ = [
     "format_ratios",
     "params_per_kernel",
     "compact_factor_counts",
+    "parameter_count_tied",
     "compact_factor_tied",
     "compact_factor",
 ]
@@ -529,10 +530,7 @@ def params_per_kernel(code: str, h: int, w: int, gain: bool = False, offset: boo
     fam = kernels.get(code)
     if fam.plain:
         return h * w
-    n = fam.param_count(h, w)
-    if n == 0:
-        return 1 if (gain or offset) else 0
-    return n + int(bool(gain)) + int(bool(offset))
+    return fam.param_count(h, w) + int(bool(gain)) + int(fam.carries_offset(offset, bool(gain)))
 
 
 def compact_factor_counts(
@@ -579,11 +577,23 @@ def compact_factor_tied(
     >>> round(compact_factor_tied([("G", 192, 64)], 7, 7, gain=True, offset=True), 4)
     0.932
     """
-    _check_hw(h, w)
     items = [(c, int(n), int(r)) for c, n, r in items]
     n_kernels = sum(n for _, n, _ in items)
     if n_kernels == 0:
         raise ValueError("compact factor of a layer with no kernels is undefined")
+    return 1.0 - parameter_count_tied(items, h, w, gain, offset) / (n_kernels * h * w)
+
+
+def parameter_count_tied(
+    items: Iterable[tuple[str, int, int]],
+    h: int,
+    w: int,
+    gain: bool = False,
+    offset: bool = False,
+) -> int:
+    """The learnable kernel parameters (Eq. 25's numerator) of ``(code, kernels, rows)`` items,
+    counted as in :func:`compact_factor_tied`."""
+    _check_hw(h, w)
     used = 0
     for code, n, rows in items:
         fam = kernels.get(code)
@@ -594,7 +604,7 @@ def compact_factor_tied(
                 "(rows == kernels for plain)"
             )
         used += n * params_per_kernel(code, h, w, gain, offset) - (n - rows) * shared
-    return 1.0 - used / (n_kernels * h * w)
+    return used
 
 
 def compact_factor(

@@ -10,10 +10,8 @@ line and exit 2 (usage) or 1 (everything else); ``--debug`` shows tracebacks.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
-import re
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,10 +21,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 import acl_convert
 from acl_convert.errors import UsageError, UserError
+from acl_convert.report.terminal import print_report
+from acl_convert.settings import check_device
 
 _GROUP_OPTIONS = {"--help", "-h", "--version", "--install-completion", "--show-completion"}
 
@@ -85,7 +86,9 @@ def _user_errors(fn):
         except UserError as exc:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/] {escape(exc.cli_message())}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
@@ -106,7 +109,15 @@ TrustOpt = typer.Option(
 ArchOpt = typer.Option(
     None,
     "--arch",
-    help="torchvision architecture name (e.g. resnet50). Default: detected from the checkpoint.",
+    help="The network: a torchvision name (resnet50), timm:NAME, or your own code as "
+    "path/to/file.py:Factory or package.module:Factory (a callable returning the module; "
+    "importing it runs it, so only for code you trust). Default: detected from the checkpoint.",
+)
+TrustCodeOpt = typer.Option(
+    False,
+    "--trust-code",
+    help="Build a user-code architecture (file.py:Factory) recorded in the AnaNN: importing "
+    "it runs it.",
 )
 
 
@@ -122,57 +133,9 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
-def _load(path: Path, trust_pickle: bool, arch: str | None, quiet: bool, required: bool = False):
-    """Checkpoint, architecture name (given or detected) and its model (or None; with
-    ``required`` an unknown architecture is an error)."""
-    from acl_convert.io.arch import build_model, check_fits, detect_arch
-    from acl_convert.io.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
-    model = None
-    if arch:
-        model = build_model(arch)
-        check_fits(model, ckpt.state_dict, arch)
-    else:
-        arch = detect_arch(ckpt.state_dict)
-        if arch:
-            model = build_model(arch)
-            _note(quiet, f"architecture detected: {arch}")
-        elif required:
-            raise UsageError(
-                f"the architecture of {path} is not recognised among torchvision's models; "
-                "pass --arch NAME"
-            )
-        else:
-            _note(
-                quiet,
-                "architecture not recognised among torchvision's models; converting the "
-                "tensors only (load the AnaNN later with load_anann(path, model=...))",
-            )
-    return ckpt, arch, model
-
-
 def _note(quiet: bool, text: str) -> None:
     if not quiet:
         err.print(escape(text), highlight=False)
-
-
-def _device(device: str):
-    """The torch device ``--device`` names (auto: the GPU when there is one)."""
-    from acl_convert.fit import resolve_device
-
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    try:
-        return resolve_device(device)
-    except (ValueError, RuntimeError) as exc:
-        raise UserError(str(exc)) from None
-
-
-def _default_output(checkpoint: Path, suffix: str) -> Path:
-    # Next to the working directory, not the source: checkpoints often live in read-only places.
-    stem = checkpoint.name.split(".")[0] or checkpoint.stem
-    return Path(f"{stem}{suffix}")
 
 
 @app.command()
@@ -303,74 +266,58 @@ def convert(
     debug: bool = DebugOpt,
 ) -> None:
     """Convert selected convolutions of CHECKPOINT into ACLs; write an AnaNN and a report."""
-    from acl_convert.io.outputs import atomic_path, check_writable
-    from acl_convert.network.convs import conv_layers, select_layers
-    from acl_convert.pipeline import DEFAULT_THRESHOLD, Settings
-    from acl_convert.pipeline import convert as run_convert
-    from acl_convert.report.document import build_report, print_report
+    from acl_convert.io.outputs import OutputPlan, default_output, sibling
+    from acl_convert.pipeline import prepare_checkpoint
+    from acl_convert.report.mosaic import mosaic_path
 
-    if calibration is not None:
-        from acl_convert.io.images import list_images
-
-        calib_files = list_images(calibration, limit=calibration_limit)
-    calibrated = calibration is not None
-    if fit_to is None:
-        fit_to = "output" if calibrated else "plain"
-    if threshold is not None and (target_compact is not None or max_output_error is not None):
-        raise UsageError(
-            "give either --threshold or a budget (--target-compact, --max-output-error), not both"
-        )
-    settings = Settings(
-        families=tuple(_split(families)),
+    given = dict(
+        families=families,
         offset=offset,
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        threshold=threshold,
         select=select,
         device=device,
         seed=seed,
         fit_to=fit_to,
-        threshold_on=fit_to if threshold_on is None else threshold_on,
-        joint=calibrated if joint is None else joint,
+        threshold_on=threshold_on,
+        joint=joint,
         sweeps=sweeps,
+        compensate=compensate,
         target_compact=target_compact,
         max_output_error=max_output_error,
         budget_scope=budget_scope,
         tie_channels=tie_channels,
-        calibration_images=len(calib_files) if calibrated else 0,
-        compensate=compensate,
+        calibration_limit=calibration_limit,
     )
-    dev = _device(device)
-    output = output or _default_output(checkpoint, ".anann.safetensors")
-    report_path = report or output.with_name(
-        output.name.replace(".anann.safetensors", "").removesuffix(".safetensors") + ".report.json"
+    plan = OutputPlan(force=force, inputs=[checkpoint])
+    output = plan.add(output or default_output(checkpoint, ".anann.safetensors"), "the AnaNN")
+    report_path = plan.add(report or sibling(output, ".report.json"), "the report")
+    job = prepare_checkpoint(
+        checkpoint,
+        [s for sel in layers for s in _split(sel)],
+        arch=arch,
+        calibration=calibration,
+        trust_pickle=trust_pickle,
+        **{k: v for k, v in given.items() if v is not None},
     )
-    check_writable(output, force=force)
-    check_writable(report_path, force=force)
-
-    ckpt, arch, model = _load(checkpoint, trust_pickle, arch, quiet)
-    all_layers = conv_layers(ckpt.state_dict, model)
-    chosen = select_layers(
-        [s for sel in layers for s in _split(sel)], all_layers, list(ckpt.state_dict)
-    )
-    if calibration is not None and model is None:
-        raise UsageError("--calibration needs a known architecture; pass --arch NAME")
-    mosaic_paths = {}
-    if mosaic is not None:
-        from acl_convert.report.mosaic import mosaic_path
-
-        for lay in chosen:
-            mosaic_paths[lay.name] = check_writable(
-                mosaic_path(mosaic, lay.name, len(chosen)), force=force
-            )
-
-    n_kernels = sum(lay.num_kernels for lay in chosen)
-    calib = None
-    if calibrated:
-        calib = _calibration_images(calib_files, arch, quiet)
+    mosaic_paths = {
+        lay.name: plan.add(
+            mosaic_path(mosaic, lay.name, len(job.layers)), f"the picture of {lay.name}"
+        )
+        for lay in (job.layers if mosaic is not None else [])
+    }
+    for line in job.notes:
+        _note(quiet, line)
+    n_kernels = sum(lay.num_kernels for lay in job.layers)
+    settings = job.settings
     _note(
         quiet,
-        f"fitting {n_kernels:,} kernels of {len(chosen)} layer(s) to "
-        f"{len(settings.families)} families on {dev}"
-        + (f", by output error on {len(calib_files)} images" if fit_to == "output" else ""),
+        f"fitting {n_kernels:,} kernels of {len(job.layers)} layer(s) to "
+        f"{len(settings.families)} families on {settings.device}"
+        + (
+            f", by output error on {settings.calibration_images} images"
+            if settings.fit_to == "output"
+            else ""
+        ),
     )
     with _progress(quiet) as bar:
         tasks: dict[str, int] = {}
@@ -378,86 +325,43 @@ def convert(
         def on_progress(task: str, done: int, total: int) -> None:
             if task not in tasks:
                 label = task if task.startswith("inputs") else f"fit {task}"
-                tasks[task] = bar.add_task(label, total=total)
+                tasks[task] = bar.add_task(escape(label), total=total)
             bar.advance(tasks[task], done)
 
-        result = run_convert(
-            ckpt,
-            chosen,
-            settings,
-            arch=arch,
-            progress=on_progress,
-            calibration=calib,
-            model=copy.deepcopy(model) if calibrated else None,
-        )
-
-    fidelity = None
-    if calibrated:
-        fidelity = _fidelity(model, result, calib, quiet)
-    doc = build_report(result, fidelity=fidelity)
-
-    with ExitStack() as stack:
-        # Everything is written to temporary files first and renamed together at the end.
-        tmp_out = stack.enter_context(atomic_path(output))
-        tmp_rep = stack.enter_context(atomic_path(report_path))
-        from acl_convert.io.anann import save_anann
-
-        save_anann(tmp_out, result.tensors(), result.header())
-        tmp_rep.write_text(json.dumps(doc, indent=1))
-        if mosaic_paths:
-            from acl_convert.report.mosaic import render_mosaic
-
-            for res in result.layers:
-                original = ckpt.state_dict[res.layer.weight_key].float()
-                fitted = res.acl.synthesize().detach()
-                # The run-length pattern of a real mosaic is too long for a title.
-                title = f"{res.layer.name}   compact factor {res.compact_factor:.3f}"
-                img = render_mosaic(original, fitted, res.selection.codes, title=title)
-                tmp_png = stack.enter_context(atomic_path(mosaic_paths[res.layer.name]))
-                img.save(tmp_png, format="PNG")
+        result = job.run(on_progress)
+    for line in result.notes[len(job.notes) :]:
+        _note(quiet, line)
+    doc = result.report
     print_report(doc, out)
+    _write_conversion(result, doc, output, report_path, mosaic_paths)
     _note(
         quiet,
         f"wrote {output} and {report_path}" + "".join(f", {p}" for p in mosaic_paths.values()),
     )
 
 
-def _calibration_images(files, arch, quiet):
-    """The calibration images, preprocessed as the architecture expects and held in memory
-    (500 images at 224 px are 300 MB): every converted layer runs them again."""
-    from acl_convert.calibration.moments import Calibration
-    from acl_convert.io.images import load_batches, preprocessing
+def _write_conversion(result, doc, output: Path, report_path: Path, mosaic_paths: dict) -> None:
+    """Every file to a temporary name first, all renamed together at the end: an error or an
+    interrupt leaves nothing half-written."""
+    from acl_convert.io.anann import save_anann
+    from acl_convert.io.outputs import atomic_path
+    from acl_convert.report.mosaic import render_mosaic
 
-    transform = preprocessing(arch)
-    with _progress(quiet) as bar:
-        task = bar.add_task("load calibration images", total=len(files))
-        batches = []
-        # Small batches: a first conv's input patches are ~0.6 MB per image and position.
-        for x in load_batches(files, transform, batch_size=16):
-            batches.append(x)
-            bar.advance(task, len(x))
-    return Calibration(batches)
-
-
-def _fidelity(model, result, calib, quiet):
-    from acl_convert.calibration.fidelity import measure_fidelity
-
-    original = model
-    # Not strict: a checkpoint without BN's num_batches_tracked loaded fine before.
-    original.load_state_dict(result.source.state_dict, strict=False)
-    converted = result.patched(original)
-    _note(quiet, f"measuring fidelity on {calib.images} images")
-    with _progress(quiet) as bar:
-        task = bar.add_task("compare with the original", total=calib.images)
-
-        def batches():
-            for x in calib.batches:
-                yield x
-                bar.advance(task, len(x))
-
-        return measure_fidelity(
-            original, converted, batches(), [r.layer.name for r in result.layers]
-        )
+    with ExitStack() as stack:
+        tmp_out = stack.enter_context(atomic_path(output))
+        tmp_rep = stack.enter_context(atomic_path(report_path))
+        save_anann(tmp_out, result.tensors(), result.header())
+        tmp_rep.write_text(json.dumps(doc, indent=1))
+        for res in result.layers:
+            if res.layer.name not in mosaic_paths:
+                continue
+            original = result.source.state_dict[res.layer.weight_key].float()
+            fitted = res.acl.synthesize().detach()
+            # The run-length pattern of a real mosaic is too long for a title.
+            title = f"{res.layer.name}   compact factor {res.compact_factor:.3f}"
+            img = render_mosaic(original, fitted, res.acl.codes, title=title)
+            tmp_png = stack.enter_context(atomic_path(mosaic_paths[res.layer.name]))
+            img.save(tmp_png, format="PNG")
 
 
 def _split(text: str) -> list[str]:
@@ -475,28 +379,21 @@ def layers_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """List the convolutions of CHECKPOINT that can be converted."""
-    from acl_convert.network.convs import conv_layers, eligible, estimate_fit_seconds
+    from acl_convert.io.arch import model_for
+    from acl_convert.io.checkpoint import load_checkpoint
+    from acl_convert.network.convs import conv_layers, listing
 
-    ckpt, arch, model = _load(checkpoint, trust_pickle, arch, quiet or as_json)
-    rows = []
-    for lay in conv_layers(ckpt.state_dict, model):
-        rows.append(
-            {
-                "name": lay.name,
-                "shape": list(lay.shape),
-                "groups": lay.groups,
-                "kernels": lay.num_kernels,
-                "eligible": eligible(lay),
-                "fit_seconds_estimate": estimate_fit_seconds(lay.num_kernels, lay.kernel_size)
-                if eligible(lay)
-                else None,
-            }
-        )
+    ckpt = load_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    notes = ckpt.notes()
+    arch, model = model_for(ckpt.state_dict, arch, notes)
+    for line in notes:
+        _note(quiet or as_json, line)
+    rows = listing(conv_layers(ckpt.state_dict, model))
     if as_json:
         typer.echo(json.dumps({"arch": arch, "layers": rows}, indent=1))
         return
     table = Table(
-        title=f"{checkpoint.name}: convolutions ({arch or 'architecture unknown'})",
+        title=Text(f"{checkpoint.name}: convolutions ({arch or 'architecture unknown'})"),
         title_justify="left",
     )
     for col, just in (
@@ -510,7 +407,7 @@ def layers_cmd(
     for r in rows:
         est = "1x1: not eligible" if not r["eligible"] else f"{r['fit_seconds_estimate']:.1f} s"
         table.add_row(
-            r["name"],
+            Text(r["name"]),
             "×".join(map(str, r["shape"])),
             "?" if r["groups"] is None else str(r["groups"]),
             f"{r['kernels']:,}",
@@ -525,7 +422,11 @@ def layers_cmd(
 def bake(
     anann: Path = typer.Argument(..., help="AnaNN checkpoint (.anann.safetensors)."),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Plain state dict to write: .pth/.pt (torch) or .safetensors."
+        None,
+        "--output",
+        "-o",
+        help="Plain state dict to write: .pth/.pt (torch) or .safetensors "
+        "\\[default: ./<stem>.baked.safetensors].",
     ),
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
@@ -533,19 +434,13 @@ def bake(
 ) -> None:
     """Bake an AnaNN back into plain convolution weights (loads into the original model)."""
     from acl_convert.io.anann import bake_state_dict, read_anann
-    from acl_convert.io.outputs import check_writable, write_atomic
+    from acl_convert.io.checkpoint import save_state_dict
+    from acl_convert.io.outputs import OutputPlan, default_output
 
-    check_writable(output, force=force)
+    output = output or default_output(anann, ".baked.safetensors")
+    OutputPlan(force=force, inputs=[anann]).add(output, "the baked state dict")
     state = bake_state_dict(read_anann(anann))
-    if output.suffix == ".safetensors":
-        import safetensors.torch
-
-        data = {k: v.contiguous() for k, v in state.items()}
-        write_atomic(output, lambda tmp: safetensors.torch.save_file(data, str(tmp)))
-    else:
-        import torch
-
-        write_atomic(output, lambda tmp: torch.save(state, tmp))
+    save_state_dict(output, state)
     _note(quiet, f"wrote {output} ({len(state)} tensors)")
 
 
@@ -587,31 +482,39 @@ def info(
     from acl_convert.io.anann import is_anann, read_anann
 
     if is_anann(file):
-        ana = read_anann(file)
-        h = ana.header
+        h = read_anann(file).header
         out.print(
-            f"[bold]{escape(str(file))}[/]: AnaNN (format {h['format']} "
-            f"v{h['format_version']}), made by "
-            f"acl-convert {h['tool_version']} with torch {h['torch_version']}"
+            Text.assemble(
+                (str(file), "bold"),
+                f": AnaNN (format version {h.format_version}), made by acl-convert "
+                f"{h.tool_version} with torch {h.torch_version}",
+            )
         )
+        sha = (h.source_sha256 or "?")[:16]
         out.print(
-            f"source: {h['source']['file']} (sha256 {h['source']['sha256'][:16]}…), "
-            f"architecture: {h['arch'] or 'unknown'}"
+            Text(
+                f"source: {h.source_file or '(a model in memory)'} (sha256 {sha}…), "
+                f"architecture: {h.arch or 'unknown'}"
+            )
         )
-        s = h["settings"]
+        st = h.settings
+        families = st.get("families")
+        families = ",".join(map(str, families)) if isinstance(families, list) else families
         out.print(
-            f"settings: families {','.join(s['families'])}, offset {s['offset']}, "
-            f"threshold {s['threshold']}, select {s['select']}, seed {s['seed']}"
+            Text(
+                f"settings: families {families}, offset {st.get('offset')}, threshold "
+                f"{st.get('threshold')}, select {st.get('select')}, seed {st.get('seed')}"
+            )
         )
         table = Table(title="converted layers", title_justify="left")
         for col in ("layer", "shape", "families", "compact factor"):
             table.add_column(col)
-        for name, rec in ana.layers.items():
+        for name, rec in h.layers.items():
             table.add_row(
-                name,
-                "×".join(map(str, rec["shape"])),
-                " ".join(f"{c}{n}" for c, n in rec["family_counts"].items()),
-                f"{rec['compact_factor']:.4f}",
+                Text(name),
+                "×".join(map(str, rec.shape)),
+                Text(" ".join(f"{c}{n}" for c, n in rec.family_counts.items())),
+                f"{rec.compact_factor:.4f}",
             )
         out.print(table)
         return
@@ -624,13 +527,18 @@ def info(
     convs = conv_layers(ckpt.state_dict)
     n_params = sum(v.numel() for v in ckpt.state_dict.values())
     out.print(
-        f"[bold]{escape(str(file))}[/]: {ckpt.format} checkpoint, {len(ckpt.state_dict)} tensors, "
-        f"{n_params:,} values, sha256 {ckpt.sha256[:16]}…"
+        Text.assemble(
+            (str(file), "bold"),
+            f": {ckpt.format} checkpoint, {len(ckpt.state_dict)} tensors, {n_params:,} values, "
+            f"sha256 {ckpt.sha256[:16]}…",
+        )
     )
     out.print(
-        f"architecture: {arch or 'not recognised'}; convolutions: {len(convs)}, of which "
-        f"{sum(eligible(c) for c in convs)} can be converted "
-        "(see `acl-convert layers` for the list)"
+        Text(
+            f"architecture: {arch or 'not recognised'}; convolutions: {len(convs)}, of which "
+            f"{sum(eligible(c) for c in convs)} can be converted "
+            "(see `acl-convert layers` for the list)"
+        )
     )
 
 
@@ -679,6 +587,7 @@ def evaluate_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     quiet: bool = QuietOpt,
     trust_pickle: bool = TrustOpt,
+    trust_code: bool = TrustCodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Measure the top-1 and top-5 accuracy of MODEL on a folder of labelled images."""
@@ -690,14 +599,14 @@ def evaluate_cmd(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}; leave it out for all images")
-    dev = _device(device)
+    dev = check_device(device)
     # The data first: a wrong folder is found before a large model is loaded.
     dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
-    network, arch = _load_network(model, arch, trust_pickle, quiet)
+    network, arch = _load_network(model, arch, trust_pickle, trust_code, quiet)
     reference = None
     if compare is not None:
-        reference, _ = _load_network(compare, arch, trust_pickle, quiet)
-    transform = preprocessing(arch)
+        reference, _ = _load_network(compare, arch, trust_pickle, trust_code, quiet)
+    transform = preprocessing(arch, network)
     example = load_image(dataset.samples[0].path, transform)
     classes_out = num_outputs(network.to(dev), example)
     if reference is not None:
@@ -732,24 +641,16 @@ def evaluate_cmd(
     _print_evaluation(result, model, compare, f"{data.name}, {dataset.layout}")
 
 
-def _load_network(path: Path, arch: str | None, trust_pickle: bool, quiet: bool):
-    """The network stored in ``path`` (an AnaNN or a plain checkpoint) with its weights, and its
-    architecture: ``arch`` when given, else recorded in the AnaNN or detected."""
-    from acl_convert.io.anann import is_anann, load_anann, read_anann
-    from acl_convert.io.arch import build_model
+def _load_network(path: Path, arch, trust_pickle: bool, trust_code: bool, quiet: bool):
+    from acl_convert.io.network import load_network
 
-    if is_anann(path):
-        if not arch:
-            arch = read_anann(path).header.get("arch")
-            if not arch:
-                raise UsageError(f"{path} records no architecture; pass --arch NAME")
-            _note(quiet, f"architecture recorded in the AnaNN: {arch}")
-        return load_anann(path, model=build_model(arch)), arch
-    ckpt, arch, model = _load(path, trust_pickle, arch, quiet, required=True)
-    # check_fits / detect_arch matched every key and shape already; strict=False only forgives
-    # the num_batches_tracked counters that checkpoints older than PyTorch 0.4.1 lack.
-    model.load_state_dict(ckpt.state_dict, strict=False)
-    return model, arch
+    notes: list[str] = []
+    network, spec = load_network(
+        path, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, notes=notes
+    )
+    for line in notes:
+        _note(quiet, line)
+    return network, spec
 
 
 def _print_evaluation(result: dict, model_path: Path, compare: Path | None, data: str) -> None:
@@ -838,6 +739,7 @@ def finetune_cmd(
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
     trust_pickle: bool = TrustOpt,
+    trust_code: bool = TrustCodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Fine-tune an AnaNN: distil from the original network, or train on labels."""
@@ -845,7 +747,7 @@ def finetune_cmd(
 
     from acl_convert.io.anann import read_anann
     from acl_convert.io.images import list_images, load_image, preprocessing
-    from acl_convert.io.outputs import check_writable
+    from acl_convert.io.outputs import OutputPlan, default_output
     from acl_convert.train.finetune import FinetuneConfig, finetune, require_state, state_path
 
     config = FinetuneConfig(
@@ -865,16 +767,17 @@ def finetune_cmd(
         )
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}; leave it out for all images")
-    dev = _device(device)
-    output = output or _default_output(anann, ".ft.anann.safetensors")
+    dev = check_device(device)
+    output = output or default_output(anann, ".ft.anann.safetensors")
     if resume:
         require_state(state_path(output))  # before the networks are loaded
     else:
-        check_writable(output, force=force)
-        check_writable(state_path(output), force=force)
+        plan = OutputPlan(force=force, inputs=[p for p in (anann, teacher) if p is not None])
+        plan.add(output, "the fine-tuned AnaNN")
+        plan.add(state_path(output), "the training state")
     header = read_anann(anann).header
-    student, arch = _load_network(anann, arch, trust_pickle, quiet)
-    transform = preprocessing(arch)
+    student, arch = _load_network(anann, arch, trust_pickle, trust_code, quiet)
+    transform = preprocessing(arch, student)
     if objective == "labels":
         from acl_convert.io.labelled import labelled_images
         from acl_convert.train.evaluate import num_outputs
@@ -895,7 +798,7 @@ def finetune_cmd(
 
     teacher_net = None
     if teacher is not None:
-        teacher_net, _ = _load_network(teacher, arch, trust_pickle, quiet)
+        teacher_net, _ = _load_network(teacher, arch, trust_pickle, trust_code, quiet)
     _note(
         quiet,
         f"fine-tuning {','.join(config.train)} of {anann.name} on {len(samples)} images "

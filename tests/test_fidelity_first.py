@@ -4,7 +4,6 @@ budgets and channel-tied fits, against independent computations."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from acl_convert import kernels
+from acl_convert.calibration.compensate import compensated
 from acl_convert.calibration.moments import Calibration, execution_order
 from acl_convert.errors import UsageError
 from acl_convert.fit import fit_kernels, metric
 from acl_convert.fit.joint import output_errors, refine_channels, resolve
-from acl_convert.io.checkpoint import Checkpoint
-from acl_convert.network.convs import conv_layers
-from acl_convert.pipeline import Settings, convert
+from acl_convert.nn.assignment import Assignment
+from acl_convert.pipeline import convert_model
+from acl_convert.settings import Settings
 
 torch.set_default_dtype(torch.float32)
 
@@ -180,26 +180,29 @@ def test_joint_resolve_is_the_least_squares_solution_and_predicts_the_real_error
     W, bias, x, mom = _toy_layer()
     co, ci, k, _ = W.shape
     fit = fit_kernels(W.reshape(-1, k, k), families=["G"], device="cpu")
-    codes = ["G"] * (co * ci)
-    codes[1] = "P"  # one plain kernel: it absorbs what the others miss
-    akps = fit.params["G"].double()
-    gain, off = fit.gain["G"].double(), fit.offset["G"].double()
-    has_off = torch.ones(co * ci, dtype=torch.bool)
-    sol = resolve(W, bias, codes, akps, gain, off, has_off, mom.full)
+    sel = fit.select(1.0)
+    sel.codes[1] = "P"  # one plain kernel: it absorbs what the others miss
+    sel.choice[1] = -1
+    start = fit.assignment(sel, W, bias)
+    sol = resolve(start, W, bias, mom.full)
     assert bool((sol.error_after <= sol.error_before + 1e-12).all())
     assert sol.relative_error() < sol.relative_error(after=False)
-
-    # Rebuild the resolved layer and measure its real output error on the calibration inputs.
-    approx = torch.zeros(co * ci, k, k, dtype=torch.float64)
+    codes = start.codes
+    akps = start.akps
     base = kernels.get("G")(akps, k, k)
+
+    # Rebuild the resolved layer by hand and measure its real output error on the inputs.
+    approx = torch.zeros(co * ci, k, k, dtype=torch.float64)
+    a = sol.assignment
     for j, c in enumerate(codes):
-        approx[j] = sol.plain[j] if c == "P" else sol.gain[j] * base[j] + sol.offset[j]
+        approx[j] = a.plain[j] if c == "P" else a.gain[j] * base[j] + a.offset[j]
+    assert torch.allclose(approx, a.kernels())
     approx = approx.reshape(W.shape).float()
     y = F.conv2d(x, W, bias)
-    y_hat = F.conv2d(x, approx, sol.bias.float())
+    y_hat = F.conv2d(x, approx, a.bias.float())
     measured = float((y_hat - y).square().sum() / y.square().sum()) ** 0.5
     assert sol.relative_error() == pytest.approx(measured, rel=1e-3)
-    err, energy = output_errors(W, approx, mom.full, bias, sol.bias)
+    err, energy = output_errors(W, approx, mom.full, bias, a.bias)
     assert float(err.sum() / energy.sum()) ** 0.5 == pytest.approx(measured, rel=1e-3)
 
     # Output channel 0 by brute force: least squares in the whitened space of the full moment.
@@ -247,21 +250,15 @@ def test_channel_sweeps_never_increase_the_output_error():
         moments=mom.blocks().float(),
         channel=torch.arange(ci).repeat(co),
     )
-    codes = ["G"] * (co * ci)
-    akps = fit.params["G"].double()
-    gain, off = fit.gain["G"].double(), fit.offset["G"].double()
-    fam = kernels.get("G")
+    start = fit.assignment(fit.select(1.0, on="output"), W)
+    assert set(start.codes) == {"G"}
 
-    def error(akps, gain, off):
-        approx = gain[:, None, None] * fam(akps, k, k) + off[:, None, None]
-        return float(output_errors(W, approx.reshape(W.shape), mom.full)[0].sum())
+    def error(a: Assignment) -> float:
+        return float(output_errors(W, a.weight(), mom.full)[0].sum())
 
-    start = error(akps, gain, off)
-    new_codes, *new = refine_channels(
-        W, codes, akps, gain, off, torch.ones(co * ci, dtype=torch.bool), mom.full, sweeps=2
-    )
-    assert new_codes == codes  # no switching asked for
-    assert error(*new[:3]) < start
+    new = refine_channels(start, W, mom.full, sweeps=2)
+    assert new.codes == start.codes  # no switching asked for
+    assert error(new) < error(start)
 
 
 def test_channel_sweeps_may_switch_to_a_cheaper_family_and_only_improve():
@@ -278,34 +275,19 @@ def test_channel_sweeps_may_switch_to_a_cheaper_family_and_only_improve():
         channel=torch.arange(ci).repeat(co),
     )
     sel = fit.select(1.0, on="output")
-    p_max = 4
-    akps = torch.zeros(co * ci, p_max, dtype=torch.float64)
-    gain = torch.zeros(co * ci, dtype=torch.float64)
-    off = torch.zeros(co * ci, dtype=torch.float64)
-    for j, c in enumerate(sel.codes):
-        n_akp = kernels.get(c).num_params
-        akps[j, :n_akp] = fit.params[c][j].double()
-        gain[j], off[j] = float(fit.gain[c][j]), float(fit.offset[c][j])
-    has_off = torch.tensor([kernels.get(c).num_params > 0 for c in sel.codes])
+    start = fit.assignment(sel, W)
 
-    def error(codes, akps, gain, off):
-        approx = torch.zeros(co * ci, k, k, dtype=torch.float64)
-        for j, c in enumerate(codes):
-            fam = kernels.get(c)
-            approx[j] = gain[j] * fam(akps[j, : fam.num_params], k, k) + off[j]
-        return float(output_errors(W, approx.reshape(W.shape), mom.full)[0].sum())
+    def error(a: Assignment) -> float:
+        return float(output_errors(W, a.weight(), mom.full)[0].sum())
 
-    start = error(sel.codes, akps, gain, off)
-    codes, akps2, gain2, off2, _plain = refine_channels(
-        W, sel.codes, akps, gain, off, has_off, mom.full, sweeps=1, switch=fams
-    )
+    new = refine_channels(start, W, mom.full, sweeps=1, switch=fams)
 
     def count(c):
         n_akp = kernels.get(c).num_params
         return n_akp + 1 + (n_akp > 0)
 
-    assert all(count(a) <= count(b) for a, b in zip(codes, sel.codes, strict=True))
-    assert error(codes, akps2, gain2, off2) < start
+    assert all(count(a) <= count(b) for a, b in zip(new.codes, sel.codes, strict=True))
+    assert error(new) < error(start)
 
 
 # --- conversion end to end on a tiny network ----------------------------------------------------
@@ -328,22 +310,19 @@ class Tiny(nn.Module):
 def tiny_setup():
     torch.manual_seed(10)
     model = Tiny().eval()
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = Checkpoint(path=Path("tiny.pth"), state_dict=sd, sha256="0" * 64, format="torch")
-    layers = [lay for lay in conv_layers(sd, model) if lay.name.startswith("conv")]
+    layers = ["conv1", "conv2"]
     x = smooth_images(16, 3, 20, seed=11)
-    return model, ckpt, layers, Calibration([x[:8], x[8:]]), x
+    return model, None, layers, Calibration([x[:8], x[8:]]), x
 
 
 def _run(tiny_setup, **kw):
-    model, ckpt, layers, calib, _x = tiny_setup
-    settings = Settings(device="cpu", calibration_images=16, **kw)
-    return convert(ckpt, layers, settings, calibration=calib, model=Tiny())
+    model, _, layers, calib, _x = tiny_setup
+    return convert_model(model, layers, calibration=calib.batches, device="cpu", **kw)
 
 
 def _measured_error(tiny_setup, conv, name):
     model, _ckpt, _layers, _calib, x = tiny_setup
-    student = conv.patched(model)
+    student = conv.model
     outs = {}
     for m, key in ((model, "o"), (student, "s")):
         h = m.get_submodule(name).register_forward_hook(
@@ -370,7 +349,7 @@ def test_calibrated_conversion_predicts_its_own_output_error(tiny_setup):
 
 
 def test_fidelity_first_beats_plain_fitting_on_the_network(tiny_setup):
-    plain = convert(tiny_setup[1], tiny_setup[2], Settings(device="cpu", threshold=1.0))
+    plain = convert_model(tiny_setup[0], tiny_setup[2], device="cpu", threshold=1.0)
     fid = _run(tiny_setup, threshold=1.0, fit_to="output", threshold_on="output", joint=True)
     assert _measured_error(tiny_setup, fid, "conv2") < _measured_error(tiny_setup, plain, "conv2")
 
@@ -401,11 +380,11 @@ def test_budget_on_output_error_is_met_and_measured(tiny_setup):
 
 def test_budget_options_are_checked():
     with pytest.raises(UsageError, match="not both"):
-        Settings(target_compact=0.5, max_output_error=0.1, fit_to="output", calibration_images=1)
+        Settings(target_compact=0.5, max_output_error=0.1, fit_to="output").resolved(1)
     with pytest.raises(UsageError, match="calibration"):
-        Settings(fit_to="output")
+        Settings(fit_to="output").resolved(0)
     with pytest.raises(UsageError, match=r"\[0, 1\]"):
-        Settings(target_compact=1.5)
+        Settings(target_compact=1.5).resolved(0)
 
 
 # --- channel-tied fits ---------------------------------------------------------------------------
@@ -434,15 +413,15 @@ def test_tied_conversion_equals_its_untied_equivalent(tiny_setup):
     to every kernel computes, and its compact factor counts the shared AKPs once."""
     from acl_convert.nn.acl import ACL
 
-    conv = convert(
-        tiny_setup[1], tiny_setup[2][:1], Settings(device="cpu", threshold=1.0, tie_channels=True)
+    conv = convert_model(
+        tiny_setup[0], tiny_setup[2][:1], device="cpu", threshold=1.0, tie_channels=True
     )
     acl = conv.layers[0].acl
     codes = acl.codes
     akps = {c: acl.kernel_akps(c).detach() for c in acl.codes_present() if c != "P"}
     gains = {c: acl.gain[c].detach() for c in akps}
     offsets = {c: acl.offset[c].detach() for c in akps if c in acl.offset}
-    untied = ACL.from_assignment(
+    untied = ACL.from_values(
         3, 8, 5, codes, akps, gains=gains, offsets=offsets, bias=acl.bias.detach(), padding=2
     )
     x = torch.randn(2, 3, 12, 12)
@@ -559,17 +538,15 @@ def test_compensated_target_undoes_upstream_error(tiny_setup):
     """With conv1 converted, the compensated conv2 weight (S^-1 C a) reproduces the *original*
     network's conv2 output from the converted inputs better than the original weight does,
     measured by running the networks; for the first layer it is the original weight."""
-    from acl_convert.pipeline import _compensated
-
-    model, ckpt, layers, calib, x = tiny_setup
-    first = convert(ckpt, layers[:1], Settings(device="cpu", threshold=1.0))
-    converted = first.patched(model)
+    model, _, layers, calib, x = tiny_setup
+    first = convert_model(model, layers[:1], device="cpu", threshold=1.0)
+    converted = first.model
     conv1_mom = calib.moments(model, "conv1", reference=model)
-    same = _compensated(layers[0], ckpt.state_dict, conv1_mom)
-    assert torch.allclose(same["conv1.weight"], ckpt.state_dict["conv1.weight"], atol=1e-5)
+    same, _ = compensated(model.conv1.weight, model.conv1.bias, conv1_mom)
+    assert torch.allclose(same, model.conv1.weight, atol=1e-5)
 
     mom = calib.moments(converted, "conv2", reference=model)
-    sd = _compensated(layers[1], ckpt.state_dict, mom)
+    new_w, new_b = compensated(model.conv2.weight, model.conv2.bias, mom)
     outs = {}
     h = model.conv2.register_forward_hook(lambda _m, _i, out: outs.__setitem__("o", out.clone()))
     with torch.no_grad():
@@ -580,10 +557,9 @@ def test_compensated_target_undoes_upstream_error(tiny_setup):
     with torch.no_grad():
         converted(x)
     h.remove()
-    plain = F.conv2d(
-        feed["x"], ckpt.state_dict["conv2.weight"], ckpt.state_dict["conv2.bias"], 1, 1
-    )
-    comp = F.conv2d(feed["x"], sd["conv2.weight"], sd["conv2.bias"], 1, 1)
+    with torch.no_grad():
+        plain = F.conv2d(feed["x"], model.conv2.weight, model.conv2.bias, 1, 1)
+        comp = F.conv2d(feed["x"], new_w, new_b, 1, 1)
     err_plain = float((plain - outs["o"]).norm())
     err_comp = float((comp - outs["o"]).norm())
     assert err_comp < 0.9 * err_plain, (err_comp, err_plain)

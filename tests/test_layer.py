@@ -310,7 +310,7 @@ def test_kernel_order(groups, ci, co, kernel_size):
         codes = ["P"] * n
         codes[k] = "G"
         plain = torch.randn(n - 1, h, w, generator=gen(k), dtype=torch.float64)
-        layer = ACL.from_assignment(
+        layer = ACL.from_values(
             ci,
             co,
             kernel_size,
@@ -392,7 +392,7 @@ def test_from_assignment_values_come_back(gain, offset):
     codes = cycled(3 * 5)
     akps, gains, offsets, plain = values_for(codes, h, w, gain=gain, offset=offset)
     bias = torch.randn(5, dtype=torch.float64)
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         3,
         5,
         (h, w),
@@ -423,7 +423,7 @@ def test_from_assignment_values_come_back(gain, offset):
 
 
 def test_from_assignment_gabor_in_paper_units():
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         1,
         2,
         7,
@@ -654,7 +654,7 @@ def test_set_values_drops_cache():
 
 
 def test_canonicalize_drops_cache():
-    layer = ACL.from_assignment(1, 1, 5, ["G"], {"G": torch.tensor([[4.0, 4.0, 0.5, 1.5]])})
+    layer = ACL.from_values(1, 1, 5, ["G"], {"G": torch.tensor([[4.0, 4.0, 0.5, 1.5]])})
     layer.eval()
     with torch.no_grad():
         layer(torch.randn(1, 1, 6, 6))
@@ -765,7 +765,7 @@ GRAD_CODES = ["G", "Lg", "Tf", "Ts", "Lt", "M", "P", "P"]
 @pytest.mark.parametrize("gain,offset", GAIN_OFFSET)
 def test_gradcheck_through_forward(gain, offset):
     akps, gains, offsets, plain = values_for(GRAD_CODES, 5, 5, gain=gain, offset=offset, seed=3)
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         2,
         4,
         5,
@@ -796,7 +796,7 @@ def test_gradcheck_through_forward(gain, offset):
 def test_gradcheck_circular_strided_grouped():
     codes = ["G", "Tf", "Ts", "P", "Lg", "Lt", "M", "P"]
     akps, gains, offsets, plain = values_for(codes, 3, 3, gain=True, offset=True, seed=5)
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         4,
         4,
         3,
@@ -951,7 +951,7 @@ def test_canonicalize_keeps_weight(gain):
         gains = {
             c: torch.rand(len(v), generator=g, dtype=torch.float64) * 2 - 1 for c, v in akps.items()
         }
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         ci,
         co,
         5,
@@ -1135,7 +1135,7 @@ def test_set_values_wrong_bias_shape(shape):
 @pytest.mark.parametrize("code,value", [("Lg", [[-1.0]]), ("G", [[0.0, 0.1, 0.2, 1.0]])])
 def test_from_assignment_rejects_invalid_akps(code, value):
     with pytest.raises(ValueError):
-        ACL.from_assignment(
+        ACL.from_values(
             1, 2, 3, [code, "P"], {code: torch.tensor(value)}, plain=torch.zeros(1, 3, 3)
         )
 
@@ -1143,7 +1143,7 @@ def test_from_assignment_rejects_invalid_akps(code, value):
 def test_from_assignment_missing_gains_for_a_family():
     codes = ["G", "M", "P", "P"]
     with pytest.raises(ValueError, match="M"):
-        ACL.from_assignment(
+        ACL.from_values(
             2,
             2,
             3,

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from acl_convert import kernels
+from acl_convert.errors import UserError
 from acl_convert.report import mosaic
 from acl_convert.report.mosaic import (
-    FAMILY_COLOURS,
     family_colour,
     mosaic_path,
     render_mosaic,
@@ -97,9 +97,9 @@ def test_frame_colours_are_the_family_colours():
 
 
 def test_paper_colours():
-    assert FAMILY_COLOURS["G"] == (220, 30, 30)  # red
-    assert FAMILY_COLOURS["P"] == (255, 140, 0)  # orange
-    table = [FAMILY_COLOURS[c] for c in (*kernels.PAPER_FAMILIES, "P")]
+    assert family_colour("G") == (220, 30, 30)  # red
+    assert family_colour("P") == (255, 140, 0)  # orange
+    table = [family_colour(c) for c in (*kernels.PAPER_FAMILIES, "P")]
     assert len(set(table)) == len(table)
 
 
@@ -220,7 +220,7 @@ def test_save_mosaic_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", broken)
     W = torch.randn(4, 3, 7, 7)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write .*conv1.png .disk full"):
         save_mosaic(tmp_path / "conv1.png", W, W, ["G"] * 12)
     assert list(tmp_path.iterdir()) == []
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from acl_convert import kernels, load_anann, pattern
 from acl_convert.io.anann import bake_state_dict, read_anann, save_anann
+from acl_convert.io.header import AnaNNHeader, LayerRecord
 from acl_convert.nn.acl import ACL, channel_rows
 from acl_convert.report.akp_table import akp_table, to_csv
 from acl_convert.report.mosaic import render_mosaic
@@ -66,7 +67,7 @@ def tied_layer(
     )
     gains = {code: torch.randn(n, generator=g, dtype=torch.float64)}
     offsets = {code: 0.1 * torch.randn(n, generator=g, dtype=torch.float64)} if offset else None
-    return ACL.from_assignment(
+    return ACL.from_values(
         ci,
         co,
         k,
@@ -96,7 +97,7 @@ def untied_twin(layer: ACL) -> ACL:
             gains[code] = layer.gain[code].detach()
         if code in layer.offset:
             offsets[code] = layer.offset[code].detach()
-    return ACL.from_assignment(
+    return ACL.from_values(
         layer.in_channels,
         layer.out_channels,
         (h, w),
@@ -282,7 +283,7 @@ def test_compact_factor_of_64_tied_gabor_channels():
     codes = ["G"] * 192
     rows = channel_rows(codes, 3, range(64))
     akps = {"G": kernels.get("G").sample(64, 7, 7, generator=gen(0))}
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         3,
         64,
         7,
@@ -308,7 +309,7 @@ def test_compact_factor_of_a_mixed_layer_by_hand():
     plain (3*25)."""
     codes = ["G"] * 6 + ["M"] * 3 + ["P"] * 3
     rows = channel_rows(codes, 3, [0, 2])
-    layer = ACL.from_assignment(
+    layer = ACL.from_values(
         3,
         4,
         5,
@@ -411,7 +412,7 @@ def tied_rgb_layer(seed: int = 0) -> ACL:
         "M": torch.tensor([0.05]),
     }
     offsets = {"G": 0.01 * torch.randn(5, generator=g), "Tf": 0.01 * torch.randn(3, generator=g)}
-    return ACL.from_assignment(
+    return ACL.from_values(
         3,
         4,
         5,
@@ -426,35 +427,36 @@ def tied_rgb_layer(seed: int = 0) -> ACL:
     )
 
 
-def record(name: str, layer: ACL) -> dict:
+def record(name: str, layer: ACL) -> LayerRecord:
     """The header entry :meth:`LayerResult.record` writes for a converted layer."""
-    return {
-        "name": name,
-        "shape": [layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size],
-        "groups": layer.groups,
-        "stride": list(layer.stride),
-        "padding": list(layer.padding),
-        "dilation": list(layer.dilation),
-        "padding_mode": layer.padding_mode,
-        "bias": layer.bias is not None,
-        "gain": layer.gain_enabled,
-        "offset": layer.offset_enabled,
-        "family_counts": layer.family_totals(),
-        "pattern": layer.pattern,
-        "compact_factor": layer.compact_factor(),
-    }
+    return LayerRecord(
+        name=name,
+        shape=(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size),
+        groups=layer.groups,
+        stride=tuple(layer.stride),
+        padding=tuple(layer.padding),
+        dilation=tuple(layer.dilation),
+        padding_mode=layer.padding_mode,
+        bias=layer.bias is not None,
+        gain=layer.gain_enabled,
+        offset=layer.offset_enabled,
+        family_counts=layer.family_totals(),
+        pattern=layer.pattern,
+        compact_factor=layer.compact_factor(),
+    )
 
 
-def write_anann(path, net: nn.Module, name: str, layer: ACL):
+def write_anann(path, net: nn.Module, name: str, layer: ACL) -> AnaNNHeader:
     """An AnaNN of ``net`` with conv ``name`` replaced by ``layer``, as Conversion.save writes."""
     tensors = {k: v for k, v in net.state_dict().items() if k != f"{name}.weight"}
     tensors.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
-    header = {
-        "source": {"file": "net.pth", "sha256": "0" * 64},
-        "arch": None,
-        "settings": {},
-        "layers": {name: record(name, layer)},
-    }
+    header = AnaNNHeader(
+        source_file="net.pth",
+        source_sha256="0" * 64,
+        arch=None,
+        settings={},
+        layers={name: record(name, layer)},
+    )
     save_anann(path, tensors, header)
     return header
 
@@ -596,6 +598,6 @@ def test_finetune_moves_the_shared_akps_and_keeps_the_ties(tmp_path):
     # The saved AnaNN loads back tied, canonical, with the fine-tuned weight.
     again = load_anann(out, model=small_net())
     assert again[0].is_tied("G")
-    assert header["layers"]["0"]["pattern"] == again[0].pattern
+    assert header.layers["0"].pattern == again[0].pattern
     with torch.no_grad():
         torch.testing.assert_close(again[0].synthesize(), acl.synthesize(), rtol=1e-5, atol=1e-6)

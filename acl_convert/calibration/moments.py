@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..fit.metric import channel_blocks
 
-__all__ = ["Calibration", "LayerMoments", "channel_blocks", "execution_order"]
+__all__ = ["Calibration", "LayerMoments", "execution_order"]
 
 
 class _Stop(Exception):
@@ -60,19 +61,6 @@ class LayerMoments:
         return channel_blocks(self.full, h * w)
 
 
-def channel_blocks(full: Tensor, n: int) -> Tensor:
-    """The ``(n, n)`` diagonal blocks of every input channel of full patch moments
-    ``(G, D + 1, D + 1)`` (``D = Ci/groups * n``), group by group: ``(Ci, n, n)``."""
-    cg = (full.shape[1] - 1) // n
-    return torch.stack(
-        [
-            full[g, c * n : (c + 1) * n, c * n : (c + 1) * n]
-            for g in range(full.shape[0])
-            for c in range(cg)
-        ]
-    )
-
-
 def execution_order(model: nn.Module, names: Sequence[str], example: Tensor) -> list[str]:
     """``names`` sorted by when their module first runs on ``example`` (``(1, 3, H, W)``);
     modules that never run keep their given order at the end."""
@@ -95,17 +83,20 @@ def execution_order(model: nn.Module, names: Sequence[str], example: Tensor) -> 
 
 
 class Calibration:
-    """Preprocessed calibration images, held in memory (``(B, 3, H, W)`` batches), and the
+    """Preprocessed calibration images, held in memory (``(B, C, H, W)`` batches), and the
     moments of any conv's inputs on them.
 
     Args:
-        batches: the images, already preprocessed as the network expects.
+        batches: the images, already preprocessed as the network expects: an iterable of
+            ``(B, C, H, W)`` float tensors, or of ``(images, labels)`` pairs (a ``DataLoader``
+            over a labelled dataset; the labels are not used). Read once.
+        limit: keep at most this many images (None: all).
     """
 
-    def __init__(self, batches: Iterable[Tensor]) -> None:
-        self.batches = [b for b in batches]
+    def __init__(self, batches: Iterable, *, limit: int | None = None) -> None:
+        self.batches = _image_batches(batches, limit)
         if not self.batches:
-            raise UserError("no calibration images; give a folder with at least one image")
+            raise UserError("no calibration images; give at least one image")
 
     @property
     def images(self) -> int:
@@ -150,6 +141,34 @@ class Calibration:
             count=count,
             cross=None if cross is None else cross / count,
         )
+
+
+def _image_batches(batches: Iterable, limit: int | None) -> list[Tensor]:
+    """The image tensors of ``batches`` (pairs give their first element), at most ``limit``
+    images in all, each checked to be a finite ``(B, C, H, W)`` floating-point tensor."""
+    if isinstance(batches, Tensor):
+        batches = [batches]
+    out: list[Tensor] = []
+    seen = 0
+    for n, item in enumerate(batches):
+        if limit is not None and seen >= limit:
+            break
+        x = item[0] if isinstance(item, (tuple, list)) and item else item
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim not in (3, 4):
+            what = type(x).__name__ if not isinstance(x, Tensor) else f"{x.dtype} {tuple(x.shape)}"
+            raise UserError(
+                f"calibration batch {n} is {what}; give (B, C, H, W) float image tensors, or "
+                "(images, labels) pairs"
+            )
+        x = x.detach().cpu()
+        x = x[None] if x.ndim == 3 else x
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(f"calibration batch {n} has NaN or Inf values; check the images")
+        if limit is not None:
+            x = x[: limit - seen]
+        out.append(x)
+        seen += len(x)
+    return out
 
 
 def _patches(model: nn.Module, name: str, x: Tensor) -> Tensor:

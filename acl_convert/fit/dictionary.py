@@ -48,17 +48,6 @@ def _real_bound(h: int, w: int) -> float:
     return (max(h, w) - 1) / 2 + 1.0
 
 
-# Scales searched, in pixels: from below a pixel up to about the kernel's extent. The refinement
-# may leave this range; it only has to contain good starting points.
-_SCALE_RANGE = {
-    "lambda": lambda e: (1.4, max(4.0, 3.0 * e)),
-    "default": lambda e: (0.35, max(2.0, 3.0 * e)),
-    # A dimensionless positive AKP (unit "1") is a ratio, not a length: Ge's aspect ratio gamma
-    # (TGD2nd's gamma is a length, so the name cannot be the key).
-    "ratio": lambda e: (0.3, 3.0),
-}
-
-
 def orientation_points(family: KernelFamily, h: int, w: int) -> int:
     """Orientation grid size. A kernel of radius R resolves angles of about 1/R rad, so the grid
     grows with the kernel; a non-smooth family (TGD1st's sign) gets no help from gradients and
@@ -158,19 +147,20 @@ class Dictionary:
 
 
 def _axis(family: KernelFamily, k: int, h: int, w: int, shift: float) -> Tensor:
-    p = family.params[k]
-    if p.kind == "positive":
-        ratio = p.unit == "1"
-        lo, hi = _SCALE_RANGE.get("ratio" if ratio else p.name, _SCALE_RANGE["default"])(max(h, w))
-        n = RATIO_POINTS if ratio else _by_count(SCALE_POINTS, family)
+    """The grid of AKP ``k`` in unconstrained units, as its :class:`~acl_convert.kernels.Search`
+    declares it, shifted by ``shift`` (in grid steps, ``[0, 1)``)."""
+    search = family.params[k].search
+    if search.axis in ("scale", "ratio"):
+        lo, hi = search.range(h, w)
+        n = RATIO_POINTS if search.axis == "ratio" else _by_count(SCALE_POINTS, family)
         steps = (torch.arange(n, dtype=torch.float64) + shift) / n
         return math.log(lo) + steps * (math.log(hi) - math.log(lo))
-    if p.kind == "real":
+    if search.axis == "centre":
         # Unshifted and symmetric about 0: a centred kernel must have an atom at offset 0.
         return (torch.arange(REAL_POINTS, dtype=torch.float64) - (REAL_POINTS - 1) / 2) * REAL_STEP
     # With a gain of either sign, pi-periodicity covers every orientation and phase: theta + pi
     # and psi + pi are a sign flip (Gabor, TGD1st, Dx) or the same kernel (TGD2nd, Dxx).
-    theta = p.name.startswith("theta")
+    theta = search.axis == "orientation"
     n = orientation_points(family, h, w) if theta else _by_count(PHASE_POINTS, family)
     axis = (torch.arange(n, dtype=torch.float64) + shift) * (math.pi / n)
     if theta and not family.smooth:

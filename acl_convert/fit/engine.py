@@ -37,7 +37,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {str(device)!r} was requested but no CUDA GPU is available; "
-            "use --device cpu or auto"
+            "use the CPU ('cpu' or 'auto')"
         )
     return dev
 

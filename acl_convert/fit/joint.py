@@ -19,12 +19,20 @@ import torch
 from torch import Tensor
 
 from .. import kernels, pattern
-from ..calibration.moments import channel_blocks
+from ..nn.assignment import PLAIN, Assignment
 from . import dictionary, lm, metric
 from .engine import _linear_fit, fit_kernels
+from .metric import channel_blocks
 from .threads import single_threaded
 
-__all__ = ["JointSolution", "resolve", "refine_channels", "output_errors"]
+__all__ = [
+    "JointSolution",
+    "resolve",
+    "refine_channels",
+    "refit_layer",
+    "output_errors",
+    "SWEEP_LIMIT",
+]
 
 
 def output_errors(
@@ -37,17 +45,11 @@ def output_errors(
     """Expected squared output error and energy ``E[y^2]`` ``(Co,)`` of replacing the conv
     ``weight`` ``(Co, Ci/groups, h, w)`` and ``bias`` ``(Co,)`` (None: none) by ``approx`` and
     ``approx_bias`` (None: the same bias), under patch moments ``(G, D + 1, D + 1)``."""
-    co = weight.shape[0]
-    d = weight[0].numel()
-    full = torch.zeros(co, d + 1, dtype=torch.float64)
-    full[:, :d] = weight.double().reshape(co, d)
-    if bias is not None:
-        full[:, d] = bias.double()
-    diff = full.clone()
-    diff[:, :d] -= approx.double().reshape(co, d)
-    if bias is not None:
-        diff[:, d] -= (bias if approx_bias is None else approx_bias).double()
-    return _quadratic(diff, moments), _quadratic(full, moments)
+    full = _with_bias(weight, bias)
+    fitted = _with_bias(
+        approx, None if bias is None else approx_bias if approx_bias is not None else bias
+    )
+    return _quadratic(full - fitted, moments), _quadratic(full, moments)
 
 
 def _quadratic(v: Tensor, moments: Tensor) -> Tensor:
@@ -61,25 +63,17 @@ def _quadratic(v: Tensor, moments: Tensor) -> Tensor:
 
 @dataclass
 class JointSolution:
-    """Re-solved linear parameters of one layer (kernel order ``k = q * Ci/groups + p``).
+    """A layer after the joint re-solve, and what it changed.
 
     Attributes:
-        akps: ``(K, P_max)`` AKPs per kernel in the paper's units (not re-solved here; see
-            :func:`refine_channels`).
-        gain, offset: ``(K,)`` per ACK (0 for plain kernels, and offset 0 where the kernel has
-            none).
-        plain: ``(K, h, w)`` values of the plain kernels (the original values elsewhere).
-        bias: ``(Co,)`` or None.
+        assignment: the layer with re-solved gains, offsets, plain kernels and bias (AKPs and
+            families as given).
         error_before, error_after: ``(Co,)`` expected squared output error of each output
-            channel with the fitted parameters and after the re-solve.
+            channel as given and after the re-solve.
         energy: ``(Co,)`` expected squared output ``E[y^2]`` of each original output channel.
     """
 
-    akps: Tensor
-    gain: Tensor
-    offset: Tensor
-    plain: Tensor
-    bias: Tensor | None
+    assignment: Assignment
     error_before: Tensor
     error_after: Tensor
     energy: Tensor
@@ -93,150 +87,146 @@ class JointSolution:
 
 @single_threaded
 def resolve(
-    weight: Tensor,
-    bias: Tensor | None,
-    codes: Sequence[str],
-    akps: Tensor,
-    gain: Tensor,
-    offset: Tensor,
-    has_offset: Tensor,
-    moments: Tensor,
-    plain: Tensor | None = None,
+    assignment: Assignment, weight: Tensor, bias: Tensor | None, moments: Tensor
 ) -> JointSolution:
-    """Re-solve gains, offsets, plain kernels and bias of one layer.
+    """Re-solve the gains, offsets, plain kernels and bias of one layer, its families and AKPs
+    fixed.
 
     Args:
-        weight: the original ``(Co, Ci/groups, h, w)`` weight.
+        assignment: the layer as fitted (its bias is the starting point too).
+        weight: the original ``(Co, Ci/groups, h, w)`` weight, the target.
         bias: the original ``(Co,)`` bias, or None (the layer has none: it stays without).
-        codes: family code per kernel (``P`` for plain), length ``K = Co * Ci/groups``.
-        akps: ``(K, P_max)`` AKPs in the paper's units per kernel (only the first
-            ``num_params`` columns of a kernel's family are read).
-        gain, offset: ``(K,)`` the fitted values (the starting point, for ``error_before``).
-        has_offset: ``(K,)`` bool, which ACKs carry an offset.
-        moments: ``(G, D + 1, D + 1)`` patch moments of :class:`acl_convert.calibration.moments.LayerMoments`
-            (``D = Ci/groups * h * w``, the last entry the constant 1).
-        plain: ``(K, h, w)`` current values of the plain kernels (default: the original ones).
+        moments: ``(G, D + 1, D + 1)`` patch moments (``D = Ci/groups * h * w``, the last entry
+            the constant 1; see :class:`acl_convert.calibration.moments.LayerMoments`).
 
     Returns:
         A :class:`JointSolution`; output channels whose kernels are all plain are left as they
-        are (they are exact already).
+        are (they are exact already), and so is a channel where rounding would make the exact
+        solution worse than its start.
     """
     co, cg, h, w = weight.shape
-    n = h * w
-    d = cg * n
-    n_groups = moments.shape[0]
+    d = cg * h * w
     if moments.shape[1:] != (d + 1, d + 1):
         raise ValueError(f"moments must be (G, {d + 1}, {d + 1}), got {tuple(moments.shape)}")
-    w64 = weight.detach().double().reshape(co, d)
-    b64 = None if bias is None else bias.detach().double()
-    # The fitted shape of every ACK, unscaled: the columns of its gain.
-    base = torch.zeros(co * cg, n, dtype=torch.float64)
-    for code in set(codes) - {"P"}:
-        idx = torch.tensor([k for k, c in enumerate(codes) if c == code])
-        fam = kernels.get(code)
-        base[idx] = fam(akps[idx, : fam.num_params].double(), h, w).reshape(len(idx), n)
-    gain64, off64 = gain.double().clone(), offset.double().clone()
-    plain = (weight if plain is None else plain).detach().double().reshape(co * cg, h, w).clone()
-    new_bias = None if b64 is None else b64.clone()
-    per_group = co // n_groups
-    is_plain = torch.tensor([c == "P" for c in codes]).view(co, cg)
-    off_mask = has_offset.bool().view(co, cg) & ~is_plain
-    # The current kernels and the target, with the bias as the last (constant-input) entry.
-    approx = torch.where(
-        is_plain.reshape(-1, 1),
-        plain.reshape(co * cg, n),
-        gain64[:, None] * base + off64[:, None],
-    ).reshape(co, d)
-    target = torch.zeros(co, d + 1, dtype=torch.float64)
-    target[:, :d] = w64
-    start = torch.zeros(co, d + 1, dtype=torch.float64)
-    start[:, :d] = approx
-    if b64 is not None:
-        target[:, d] = b64
-        start[:, d] = b64
     sig = moments.double()
+    target = _with_bias(weight, bias)
+    start = _with_bias(assignment.weight(), None if bias is None else assignment.bias)
     err_before = _quadratic(target - start, sig)
     energy = _quadratic(target, sig)
     err_after = err_before.clone()
-    base3 = base.view(co, cg, n)
+    problem = _Linear(assignment, sig, bias is not None)
+    gain, offset = assignment.gain.clone(), assignment.offset.clone()
+    plain = assignment.plain.clone().reshape(co * cg, -1)
+    new_bias = None if assignment.bias is None else assignment.bias.clone()
     for q in range(co):
-        analytic = (~is_plain[q]).nonzero()[:, 0]
-        if analytic.numel() == 0:
+        solved = problem.solve(q, target[q])
+        if solved is None:
             continue  # all plain: exact already
-        sigma = sig[q // per_group]
-        s3 = sigma[:, :d].reshape(d + 1, cg, n)  # columns of S by (input channel, pixel)
-        plains = is_plain[q].nonzero()[:, 0]
-        offs = off_mask[q].nonzero()[:, 0]
-        # S @ Phi without forming Phi: every column of Phi lives in one input channel's block.
-        s_cols = [
-            torch.einsum("dpn,pn->dp", s3[:, analytic], base3[q, analytic]),
-            s3[:, offs].sum(-1),
-            s3[:, plains].reshape(d + 1, -1),
-        ]
-        if b64 is not None:
-            s_cols.append(sigma[:, d:])
-        s_phi = torch.cat(s_cols, 1)  # (D + 1, m)
-        x3 = s_phi[:d].reshape(cg, n, -1)
-        rows = [
-            torch.einsum("pn,pnm->pm", base3[q, analytic], x3[analytic]),
-            x3[offs].sum(1),
-            x3[plains].reshape(-1, s_phi.shape[1]),
-        ]
-        if b64 is not None:
-            rows.append(s_phi[d:])
-        normal = torch.cat(rows, 0)  # Phi^T S Phi, (m, m)
-        rhs = s_phi.T @ target[q]
-        # A whisper of ridge: a Mean kernel's gain and a neighbour's offset can be collinear.
-        ridge = 1e-10 * torch.diagonal(normal).mean().clamp_min(1e-30)
-        coef = torch.linalg.solve(normal + ridge * torch.eye(len(rhs), dtype=torch.float64), rhs)
-        n_a, n_o, n_p = len(analytic), len(offs), len(plains) * n
-        new = torch.zeros(d + 1, dtype=torch.float64)
-        new_view = new[:d].view(cg, n)
-        g_new, o_new = coef[:n_a], coef[n_a : n_a + n_o]
-        p_new = coef[n_a + n_o : n_a + n_o + n_p].view(-1, n)
-        new_view[analytic] = g_new[:, None] * base3[q, analytic]
-        new_view[offs] += o_new[:, None]
-        new_view[plains] = p_new
-        if b64 is not None:
-            new[d] = coef[-1]
+        new, (g_new, o_new, p_new, b_new) = solved
         diff = target[q] - new
-        err = diff @ sigma @ diff
+        err = diff @ sig[q // (co // len(sig))] @ diff
         if not bool(err <= err_before[q]):
             continue  # only rounding can make the exact solution worse than the start
         err_after[q] = err
         ks = q * cg
-        gain64[ks + analytic] = g_new
-        off64[ks + offs] = o_new
-        plain.view(co * cg, n)[ks + plains] = p_new
-        if b64 is not None:
-            new_bias[q] = coef[-1]
-    return JointSolution(
-        akps=akps.double(),
-        gain=gain64,
-        offset=off64,
-        plain=plain,
-        bias=new_bias,
-        error_before=err_before,
-        error_after=err_after,
-        energy=energy,
+        gain[ks + problem.analytic[q]] = g_new
+        offset[ks + problem.offs[q]] = o_new
+        plain[ks + problem.plains[q]] = p_new
+        if new_bias is not None:
+            new_bias[q] = b_new
+    out = assignment.replace(
+        gain=gain, offset=offset, plain=plain.view(co * cg, h, w), bias=new_bias
     )
+    return JointSolution(out, err_before, err_after, energy)
+
+
+def _with_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``(Co, D + 1)`` float64: each output channel's weights, then its bias (0 without)."""
+    co = weight.shape[0]
+    out = torch.zeros(co, weight[0].numel() + 1, dtype=torch.float64)
+    out[:, :-1] = weight.detach().double().reshape(co, -1)
+    if bias is not None:
+        out[:, -1] = bias.detach().double()
+    return out
+
+
+class _Linear:
+    """The linear least-squares problem of each output channel: its ACKs' gains (columns: the
+    unscaled family shapes), their offsets, its plain kernels' values and its bias, under the
+    patch moments ``S``; ``min (t - Phi c)^T S (t - Phi c)`` over ``c``."""
+
+    def __init__(self, assignment: Assignment, sig: Tensor, with_bias: bool) -> None:
+        co, cg, h, w = assignment.shape
+        self.cg, self.n, self.sig, self.with_bias = cg, h * w, sig, with_bias
+        # The fitted shape of every ACK, unscaled: the columns of its gain.
+        unit = assignment.replace(
+            gain=torch.ones_like(assignment.gain), offset=torch.zeros_like(assignment.offset)
+        )
+        self.base = unit.kernels().view(co, cg, self.n)
+        is_plain = torch.tensor([c == PLAIN for c in assignment.codes]).view(co, cg)
+        has_offset = assignment.has_offset().view(co, cg)
+        self.analytic = [(~is_plain[q]).nonzero()[:, 0] for q in range(co)]
+        self.plains = [is_plain[q].nonzero()[:, 0] for q in range(co)]
+        self.offs = [has_offset[q].nonzero()[:, 0] for q in range(co)]
+        self.per_group = co // len(sig)
+
+    def solve(self, q: int, target: Tensor) -> tuple[Tensor, tuple] | None:
+        """The best ``(D + 1,)`` weights-and-bias of output channel ``q`` and its coefficients
+        (gains, offsets, plain values ``(n_plain, n)``, bias), or None when it is all plain."""
+        analytic, plains, offs = self.analytic[q], self.plains[q], self.offs[q]
+        if analytic.numel() == 0:
+            return None
+        cg, n = self.cg, self.n
+        d = cg * n
+        sigma = self.sig[q // self.per_group]
+        s3 = sigma[:, :d].reshape(d + 1, cg, n)  # columns of S by (input channel, pixel)
+        base = self.base[q]
+        # S @ Phi without forming Phi: every column of Phi lives in one input channel's block.
+        s_cols = [
+            torch.einsum("dpn,pn->dp", s3[:, analytic], base[analytic]),
+            s3[:, offs].sum(-1),
+            s3[:, plains].reshape(d + 1, -1),
+        ]
+        if self.with_bias:
+            s_cols.append(sigma[:, d:])
+        s_phi = torch.cat(s_cols, 1)  # (D + 1, m)
+        x3 = s_phi[:d].reshape(cg, n, -1)
+        rows = [
+            torch.einsum("pn,pnm->pm", base[analytic], x3[analytic]),
+            x3[offs].sum(1),
+            x3[plains].reshape(-1, s_phi.shape[1]),
+        ]
+        if self.with_bias:
+            rows.append(s_phi[d:])
+        normal = torch.cat(rows, 0)  # Phi^T S Phi, (m, m)
+        rhs = s_phi.T @ target
+        # A whisper of ridge: a Mean kernel's gain and a neighbour's offset can be collinear.
+        ridge = 1e-10 * torch.diagonal(normal).mean().clamp_min(1e-30)
+        coef = torch.linalg.solve(normal + ridge * torch.eye(len(rhs), dtype=torch.float64), rhs)
+        n_a, n_o, n_p = len(analytic), len(offs), len(plains) * n
+        g_new, o_new = coef[:n_a], coef[n_a : n_a + n_o]
+        p_new = coef[n_a + n_o : n_a + n_o + n_p].view(-1, n)
+        new = torch.zeros(d + 1, dtype=torch.float64)
+        new_view = new[:d].view(cg, n)
+        new_view[analytic] = g_new[:, None] * base[analytic]
+        new_view[offs] += o_new[:, None]
+        new_view[plains] = p_new
+        b_new = coef[-1] if self.with_bias else None
+        if b_new is not None:
+            new[d] = b_new
+        return new, (g_new, o_new, p_new, b_new)
 
 
 @single_threaded
 def refine_channels(
+    assignment: Assignment,
     weight: Tensor,
-    codes: Sequence[str],
-    akps: Tensor,
-    gain: Tensor,
-    offset: Tensor,
-    has_offset: Tensor,
     moments: Tensor,
     *,
     sweeps: int = 1,
     max_iter: int = 20,
     switch: Sequence[str] | None = None,
-    offset_enabled: bool = True,
-) -> tuple[list[str], Tensor, Tensor, Tensor, Tensor]:
+) -> Assignment:
     """Refit every ACK's AKPs, gain and offset under the *full* input moments, one input channel
     at a time (block Gauss-Seidel).
 
@@ -249,146 +239,204 @@ def refine_channels(
     objective never increases. Plain kernels take their shifted target exactly.
 
     Args:
+        assignment: the layer as fitted (untied).
         weight: ``(Co, Ci/groups, h, w)`` original weight.
-        codes: family per kernel (``P`` plain), length ``K``.
-        akps: ``(K, P_max)`` AKPs in the paper's units; gain, offset, has_offset: ``(K,)``.
         moments: ``(G, D + 1, D + 1)`` full patch moments (last entry the constant 1).
         sweeps: passes over the input channels.
         switch: families an ACK may switch to at each step (fitted afresh to its shifted
             target), among those with no more parameters than its own, so a parameter budget
             stays met; None keeps every kernel's family.
-        offset_enabled: whether ACKs carry offsets (for counting parameters when switching).
 
     Returns:
-        The codes (changed only by ``switch``), new ``akps``, ``gain``, ``offset`` (float64)
-        and the plain kernels' values ``(K, h, w)`` (original values where the kernel is an
-        ACK).
+        The refined assignment (families changed only by ``switch``; plain kernels hold their
+        refitted values).
     """
-    co, cg, h, w = weight.shape
-    n, d = h * w, cg * h * w
-    n_groups = moments.shape[0]
-    per_group = co // n_groups
-    w64 = weight.detach().double().reshape(co, d)
-    akps, gain, offset = akps.double().clone(), gain.double().clone(), offset.double().clone()
-    plain = w64.reshape(co * cg, n).clone()
-    group_of = torch.arange(co) // per_group
-    sig = moments.double()
-    # The norm of every input channel's own block, factored once.
-    blocks = channel_blocks(sig, n)
-    factors, _ = metric.factor(blocks)
-    fams = {c: kernels.get(c) for c in (set(codes) | set(switch or ())) - {"P"}}
-    code_arr = list(codes)
-    switch = [] if cg == 1 else list(switch or ())  # one channel: the first fit is exact
+    state = _Sweep(assignment, weight, moments, switch)
+    for _ in range(sweeps):
+        for p in range(state.cg):
+            target = state.shifted_target(p)
+            ks = torch.arange(state.co) * state.cg + p
+            for code in state.present():
+                state.refit(code, ks, target, p, max_iter)
+            if state.switch:
+                state.switch_families(p, ks, target)
+    return state.result()
 
-    def count(c: str) -> int:
-        return pattern.params_per_kernel(c, h, w, gain=True, offset=offset_enabled)
 
-    def kernels_of(idx: Tensor, c: str) -> Tensor:
-        fam = fams[c]
-        f = fam(akps[idx, : fam.num_params], h, w).reshape(len(idx), n)
-        return gain[idx, None] * f + offset[idx, None]
+class _Sweep:
+    """The state of :func:`refine_channels`: the current per-kernel values and kernels."""
 
-    def switch_families(p: int, ks: Tensor, target: Tensor) -> None:
+    def __init__(self, assignment, weight, moments, switch) -> None:
+        co, cg, h, w = weight.shape
+        self.co, self.cg, self.h, self.w, self.n = co, cg, h, w, h * w
+        self.d = cg * self.n
+        self.a = assignment
+        self.codes = list(assignment.codes)
+        self.akps = assignment.akps.double().clone()
+        self.gain = assignment.gain.double().clone()
+        self.offset = assignment.offset.double().clone()
+        self.has_offset = assignment.has_offset()
+        self.w64 = weight.detach().double().reshape(co, self.d)
+        self.plain = self.w64.reshape(co * cg, self.n).clone()
+        self.sig = moments.double()
+        self.group_of = torch.arange(co) // (co // len(self.sig))
+        # The norm of every input channel's own block, factored once.
+        self.blocks = channel_blocks(self.sig, self.n)
+        self.factors, _ = metric.factor(self.blocks)
+        self.switch = [] if cg == 1 else list(switch or ())  # one channel: the first fit is exact
+        # The current kernels (K, n), updated channel by channel as they are refitted.
+        self.approx = self._current().kernels().reshape(co * cg, self.n)
+
+    def _current(self) -> Assignment:
+        return self.a.replace(
+            codes=list(self.codes),
+            akps=self.akps,
+            gain=self.gain,
+            offset=self.offset,
+            plain=self.plain.view(-1, self.h, self.w),
+        )
+
+    def result(self) -> Assignment:
+        return self._current()
+
+    def present(self) -> list[str]:
+        return list(dict.fromkeys(self.codes))
+
+    def _kernels(self, idx: Tensor, code: str) -> Tensor:
+        fam = kernels.get(code)
+        akps = self.akps[idx, : fam.num_params]
+        f = fam.synthesize(akps, self.h, self.w, self.gain[idx], self.offset[idx])
+        return f.reshape(len(idx), self.n)
+
+    def shifted_target(self, p: int) -> Tensor:
+        """``(Co, n)``: what input channel ``p``'s kernels should be, given the others."""
+        rows = slice(p * self.n, (p + 1) * self.n)
+        err = self.w64 - self.approx.view(self.co, self.d)  # (Co, D)
+        err[:, rows] = 0
+        target = self.w64[:, rows].clone()
+        for g in range(len(self.sig)):
+            qs = (self.group_of == g).nonzero()[:, 0]
+            s_pp = self.sig[g, rows, rows]
+            s_pr = self.sig[g, rows, : self.d]
+            # A channel that is always zero (a dead ReLU's) has S_pp = 0: the ridge, scaled by
+            # the whole moment, keeps the solve defined (its shift is then ~0).
+            ridge = 1e-10 * float(torch.diagonal(self.sig[g]).mean()) + 1e-300
+            shift = torch.linalg.solve(
+                s_pp + ridge * torch.eye(self.n, dtype=self.sig.dtype), s_pr @ err[qs].T
+            )
+            target[qs] += shift.T
+        return target
+
+    def refit(self, code: str, ks: Tensor, target: Tensor, p: int, max_iter: int) -> None:
+        """Refit channel ``p``'s kernels of family ``code`` (kernels ``ks[j]``) to ``target``."""
+        sel = [j for j, k in enumerate(ks.tolist()) if self.codes[k] == code]
+        if not sel:
+            return
+        sel_t = torch.tensor(sel)
+        k_sel, t = ks[sel_t], target[sel_t]
+        if code == PLAIN:
+            self.plain[k_sel] = t
+            self.approx[k_sel] = t
+            return
+        fam = kernels.get(code)
+        a = self.factors[self.group_of[sel_t] * self.cg + p][:, None]  # (N, 1, n, n)
+        with_off = bool(self.has_offset[k_sel].any())
+        scale = lm.apply(t, a, False).square().sum((1, 2)).sqrt().clamp_min(1e-30)
+        unit = t / scale[:, None]
+        h, w = self.h, self.w
+        if fam.num_params:
+            u, _ = lm.refine(
+                fam,
+                unit,
+                fam.to_unconstrained(self.akps[k_sel, : fam.num_params]),
+                h,
+                w,
+                offset=with_off,
+                bounds=dictionary.search_box(fam, h, w),
+                max_iter=max_iter,
+                proj=metric.projector(a, with_off),
+            )
+            self.akps[k_sel, : fam.num_params] = fam.from_unconstrained(u)
+        g_new, b_new, _, _ = _linear_fit(
+            fam, self.akps[k_sel, : fam.num_params], unit[:, None], h, w, with_off, a
+        )
+        self.gain[k_sel] = g_new[:, 0] * scale
+        self.offset[k_sel] = b_new[:, 0] * scale
+        self.approx[k_sel] = self._kernels(k_sel, code)
+
+    def _count(self, code: str) -> int:
+        return pattern.params_per_kernel(
+            code, self.h, self.w, gain=True, offset=self.a.offset_enabled
+        )
+
+    def switch_families(self, p: int, ks: Tensor, target: Tensor) -> None:
         """Refit input channel ``p``'s ACKs to their shifted targets ``(Co, n)`` with every
         family of ``switch`` and move a kernel to the family with the lowest error among those
         with no more parameters than its current one, when that beats its refitted current
-        family (in place)."""
-        rows = [j for j, k in enumerate(ks.tolist()) if code_arr[k] != "P"]
+        family."""
+        rows = [j for j, k in enumerate(ks.tolist()) if self.codes[k] != PLAIN]
         if not rows:
             return
         rows_t = torch.tensor(rows)
-        k_sel = ks[rows_t]
-        t = target[rows_t]
-        chan = group_of[rows_t] * cg + p
-        a = factors[chan][:, None]
+        k_sel, t = ks[rows_t], target[rows_t]
+        chan = self.group_of[rows_t] * self.cg + p
+        a = self.factors[chan][:, None]
         norm2 = lm.apply(t, a, False).square().sum((1, 2))
-        current = lm.apply(t - approx[k_sel], a, False).square().sum((1, 2))
+        current = lm.apply(t - self.approx[k_sel], a, False).square().sum((1, 2))
         fit = fit_kernels(
-            t.reshape(-1, h, w).float(),
-            families=switch,
-            offset=offset_enabled,
-            moments=blocks.float(),
+            t.reshape(-1, self.h, self.w).float(),
+            families=self.switch,
+            offset=self.a.offset_enabled,
+            moments=self.blocks.float(),
             channel=chan,
         )
         cost = fit.weighted.double().square() * norm2[:, None]  # (N, F), absolute
         allowed = torch.tensor(
-            [[count(f) <= count(code_arr[k]) for f in fit.families] for k in k_sel.tolist()]
+            [
+                [self._count(f) <= self._count(self.codes[k]) for f in fit.families]
+                for k in k_sel.tolist()
+            ]
         )
         cost = torch.where(allowed, cost, torch.full_like(cost, float("inf")))
         best, col = cost.min(1)
         better = best < current * (1 - 1e-6)
         for j in better.nonzero()[:, 0].tolist():
             k, f = int(k_sel[j]), fit.families[int(col[j])]
-            n_akp = fams[f].num_params
-            code_arr[k] = f
-            akps[k] = 0
-            akps[k, :n_akp] = fit.params[f][j].double()
-            gain[k] = float(fit.gain[f][j])
-            offset[k] = float(fit.offset[f][j])
-            approx[k] = kernels_of(torch.tensor([k]), f)[0]
+            n_akp = kernels.get(f).num_params
+            self.codes[k] = f
+            self.akps[k] = 0
+            self.akps[k, :n_akp] = fit.params[f][j].double()
+            self.gain[k] = float(fit.gain[f][j])
+            self.offset[k] = float(fit.offset[f][j])
+            self.has_offset[k] = kernels.get(f).carries_offset(self.a.offset_enabled)
+            self.approx[k] = self._kernels(torch.tensor([k]), f)[0]
 
-    # The current kernels (K, n), updated channel by channel as they are refitted.
-    approx = plain.clone()
-    for c in fams:
-        idx = torch.tensor([k for k, x in enumerate(code_arr) if x == c], dtype=torch.long)
-        if len(idx):
-            approx[idx] = kernels_of(idx, c)
 
-    for _ in range(sweeps):
-        for p in range(cg):
-            rows = slice(p * n, (p + 1) * n)
-            err = w64 - approx.view(co, d)  # (Co, D)
-            err[:, rows] = 0
-            target = w64[:, rows].clone()
-            for g in range(n_groups):
-                qs = (group_of == g).nonzero()[:, 0]
-                s_pp = sig[g, rows, rows]
-                s_pr = sig[g, rows, :d]
-                # A channel that is always zero (a dead ReLU's) has S_pp = 0: the ridge, scaled
-                # by the whole moment, keeps the solve defined (its shift is then ~0).
-                ridge = 1e-10 * float(torch.diagonal(sig[g]).mean()) + 1e-300
-                shift = torch.linalg.solve(
-                    s_pp + ridge * torch.eye(n, dtype=sig.dtype), s_pr @ err[qs].T
-                )
-                target[qs] += shift.T
-            ks = torch.arange(co) * cg + p
-            for c, fam in list(fams.items()) + [("P", None)]:
-                sel = [j for j, k in enumerate(ks.tolist()) if code_arr[k] == c]
-                if not sel:
-                    continue
-                sel_t = torch.tensor(sel)
-                k_sel = ks[sel_t]
-                t = target[sel_t]
-                if fam is None:
-                    plain[k_sel] = t
-                    approx[k_sel] = t
-                    continue
-                chan = group_of[sel_t] * cg + p
-                a = factors[chan][:, None]  # (N, 1, n, n)
-                with_off = bool(has_offset[k_sel].any())
-                scale = lm.apply(t, a, False).square().sum((1, 2)).sqrt().clamp_min(1e-30)
-                unit = t / scale[:, None]
-                if fam.num_params:
-                    u0 = fam.to_unconstrained(akps[k_sel, : fam.num_params])
-                    bounds = dictionary.search_box(fam, h, w)
-                    u, _ = lm.refine(
-                        fam,
-                        unit,
-                        u0,
-                        h,
-                        w,
-                        offset=with_off,
-                        bounds=bounds,
-                        max_iter=max_iter,
-                        proj=metric.projector(a, with_off),
-                    )
-                    akps[k_sel, : fam.num_params] = fam.from_unconstrained(u)
-                g_new, b_new, _, _ = _linear_fit(
-                    fam, akps[k_sel, : fam.num_params], unit[:, None], h, w, with_off, a
-                )
-                gain[k_sel] = g_new[:, 0] * scale
-                offset[k_sel] = b_new[:, 0] * scale
-                approx[k_sel] = kernels_of(k_sel, c)
-            if switch:
-                switch_families(p, ks, target)
-    return code_arr, akps, gain, offset, plain.reshape(co * cg, h, w)
+#: Largest ``Ci/groups * h * w`` whose AKPs are refitted under the full input moments (channel
+#: sweeps); wider layers keep the block-diagonal fit, whose sweeps cost ``Ci/groups`` sequential
+#: refits each (SqueezeNet's 64-channel 3x3 layers: ~1 min per sweep on 2 cores). The joint
+#: re-solve of the linear parameters is exact for every layer.
+SWEEP_LIMIT = 160
+
+
+def refit_layer(
+    assignment: Assignment,
+    weight: Tensor,
+    bias: Tensor | None,
+    moments: Tensor,
+    *,
+    sweeps: int,
+    switch: Sequence[str] | None,
+) -> JointSolution:
+    """A fitted layer refined under its full input moments: AKPs channel by channel
+    (:func:`refine_channels`, ``sweeps`` passes, for untied layers with
+    ``Ci/groups * h * w <= SWEEP_LIMIT``; a kernel may switch to a family of ``switch`` with no
+    more parameters), then all linear parameters together (:func:`resolve`).
+    ``error_before`` is the error of ``assignment`` as given."""
+    before, _ = output_errors(weight, assignment.weight(), moments, bias, assignment.bias)
+    cig, h, w = weight.shape[1:]
+    if sweeps and assignment.tie is None and cig * h * w <= SWEEP_LIMIT:
+        assignment = refine_channels(assignment, weight, moments, sweeps=sweeps, switch=switch)
+    sol = resolve(assignment, weight, bias, moments)
+    sol.error_before = before
+    return sol

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["factor", "projector", "offset_direction", "RIDGE"]
+__all__ = ["factor", "projector", "offset_direction", "channel_blocks", "RIDGE"]
 
 #: Added to the second moment, relative to its mean eigenvalue: directions the calibration
 #: images never excited (e.g. a padding-only corner) still cost a little, so every fit stays
@@ -67,3 +67,16 @@ def projector(a: Tensor, offset: bool) -> Tensor:
     q = offset_direction(a)
     q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     return a - q[..., :, None] * (q[..., None, :] @ a)
+
+
+def channel_blocks(full: Tensor, n: int) -> Tensor:
+    """The ``(n, n)`` diagonal blocks of every input channel of full patch moments
+    ``(G, D + 1, D + 1)`` (``D = Ci/groups * n``), group by group: ``(Ci, n, n)``."""
+    cg = (full.shape[1] - 1) // n
+    return torch.stack(
+        [
+            full[g, c * n : (c + 1) * n, c * n : (c + 1) * n]
+            for g in range(full.shape[0])
+            for c in range(cg)
+        ]
+    )

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels, pattern
+from ..nn.assignment import Assignment
 
 __all__ = ["FitResult", "Selection", "SELECT_MODES"]
 
@@ -69,6 +70,22 @@ class FitResult:
     def __len__(self) -> int:
         return self.residuals.shape[0]
 
+    def rows(self, lo: int, hi: int) -> FitResult:
+        """The result of rows ``lo:hi`` alone (views, no copies): e.g. one layer of a batch
+        that fitted several."""
+        return FitResult(
+            families=self.families,
+            residuals=self.residuals[lo:hi],
+            params={c: v[lo:hi] for c, v in self.params.items()},
+            gain={c: v[lo:hi] for c, v in self.gain.items()},
+            offset={c: v[lo:hi] for c, v in self.offset.items()},
+            kernel_size=self.kernel_size,
+            offset_enabled=self.offset_enabled,
+            weighted=None if self.weighted is None else self.weighted[lo:hi],
+            energy=None if self.energy is None else self.energy[lo:hi],
+            channels=self.channels,
+        )
+
     def param_count(self, code: str) -> int:
         """Learnable values of one converted row of family ``code``: AKPs + gain (+ offset), and
         for a channel-tied stack the AKPs once plus a gain (and offset) per channel."""
@@ -104,12 +121,11 @@ class FitResult:
         w)`` for stacks), evaluated in float64 (see :meth:`ACL.synthesize` for why) and returned
         in the result's dtype."""
         h, w = self.kernel_size
-        fam = kernels.get(code)
-        base = fam(self.params[code].double(), h, w)
-        gain, off = self.gain[code].double(), self.offset[code].double()
+        params = self.params[code]
         if self.channels is not None:
-            base = base[:, None]
-        return (gain[..., None, None] * base + off[..., None, None]).to(self.residuals.dtype)
+            params = params[:, None]  # one AKP set per stack, a gain and offset per channel
+        fitted = kernels.get(code).synthesize(params, h, w, self.gain[code], self.offset[code])
+        return fitted.to(self.residuals.dtype)
 
     def select(self, threshold: float, mode: str = "best", on: str = "plain") -> Selection:
         """Choose a family per kernel (SPEC §4).
@@ -144,6 +160,37 @@ class FitResult:
             self.residuals.dtype
         )
         return Selection(codes=codes, choice=choice, residual=residual)
+
+    def assignment(
+        self, selection: Selection, weight: Tensor, bias: Tensor | None = None
+    ) -> Assignment:
+        """The :class:`~acl_convert.nn.assignment.Assignment` of a layer whose kernels
+        ``weight`` ``(Co, Ci/groups, h, w)`` (and ``bias``) this result fitted, with the families
+        of ``selection``: the chosen fits where selected, the original kernels elsewhere. A
+        channel-tied fit (one row per output channel) gives each channel's kernels its family
+        and AKPs, tied together, each with its own gain and offset."""
+        per_row = self.channels or 1
+        out = Assignment.all_plain(weight, bias, self.offset_enabled)
+        if len(out) != len(self) * per_row:
+            raise ValueError(f"{len(out)} kernels in the weight, {len(self) * per_row} fitted")
+        p_max = max([self.params[c].shape[1] for c in self.families] + [0])
+        akps = torch.zeros(len(out), p_max, dtype=torch.float64)
+        rows_of = torch.arange(len(out)) // per_row
+        codes = [selection.codes[r] for r in rows_of.tolist()]
+        for col, code in enumerate(self.families):
+            rows = (selection.choice == col).nonzero()[:, 0]
+            if not len(rows):
+                continue
+            kern = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
+            akps[kern, : self.params[code].shape[1]] = (
+                self.params[code][rows].double().repeat_interleave(per_row, 0)
+            )
+            out.gain[kern] = self.gain[code][rows].double().reshape(-1)
+            out.offset[kern] = self.offset[code][rows].double().reshape(-1)
+        tie = None
+        if self.channels is not None:
+            tie = torch.where(torch.tensor([c != "P" for c in codes]), rows_of, -1)
+        return out.replace(codes=codes, akps=akps, tie=tie)
 
     def selection_from(self, choice: Tensor, on: str = "plain") -> Selection:
         """A :class:`Selection` from a column per kernel (``-1`` plain), e.g. a budget's

@@ -1,32 +1,56 @@
-"""Torchvision architectures: build one by name, or recognise one from a state dict.
+"""Architectures: build a network from a name, or recognise one from a state dict.
 
 Knowing the architecture gives each converted convolution its real hyper-parameters (groups,
-stride, padding) and lets :func:`acl_convert.load_anann` rebuild the network without help.
-Models are only ever built with ``weights=None``: nothing is downloaded.
+stride, padding), lets calibration and evaluation run the network, and lets
+:func:`acl_convert.load_anann` rebuild it. An architecture is named by a string, the same one the
+AnaNN header records:
 
-Detection compares the state dict's keys and tensor shapes with those of every torchvision
-classification model, built on the ``meta`` device (no memory, no initialisation cost). To avoid
-building ~80 models for every call, candidates are first filtered by parameter count against the
-``num_params`` that torchvision publishes with each model's weights; only the survivors (usually
-one) are built, and every result is cached for the rest of the process.
+- a torchvision classification model name (``resnet50``);
+- ``timm:NAME``, a timm model (timm is an optional extra: ``pip install acl-convert[timm]``);
+- ``path/to/file.py:Factory`` or ``package.module:Factory``: the user's own code, a callable
+  returning the ``nn.Module``. Importing it runs it: only for code the user trusts, so a
+  factory recorded in a file is never imported without the user's say-so.
+
+Models are only ever built with random weights: nothing is downloaded.
+
+Detection compares the state dict's keys and tensor shapes with those of candidate models built
+on the ``meta`` device (no memory, no initialisation cost): every torchvision classification
+model (first filtered by the parameter count torchvision publishes with each model's weights),
+then, when timm is installed, the timm models whose module layout matches (see
+:func:`_timm_candidates`). Results are cached for the rest of the process.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
+import importlib.util
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from ..errors import UsageError
+from ..errors import UsageError, UserError, option
 
-__all__ = ["list_archs", "build_model", "detect_arch", "check_fits"]
+__all__ = [
+    "Architecture",
+    "parse_arch",
+    "list_archs",
+    "build_model",
+    "build_recorded",
+    "detect_arch",
+    "check_fits",
+    "model_for",
+]
 
 #: Buffers in torchvision models; they are not counted in the published ``num_params``.
 _BUFFERS = (
@@ -67,25 +91,183 @@ def _resolve(name: str) -> str:
     hint = f"closest: {', '.join(close)}; " if close else ""
     raise UsageError(
         f"unknown architecture {name!r} (torchvision has no such classification "
-        f"model); {hint}give a torchvision name, or leave --arch out to detect it"
+        f"model); {hint}give a torchvision name, timm:NAME or path/to/file.py:Factory"
     )
 
 
-def build_model(name: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """A torchvision classification model with random weights (``weights=None``, 1000 classes).
+@dataclass(frozen=True)
+class Architecture:
+    """A way to build a network with random weights.
+
+    Attributes:
+        spec: the string that names it, as recorded in an AnaNN header (a torchvision name,
+            ``timm:NAME``, ``/absolute/path/file.py:Factory`` or ``package.module:Factory``).
+        kind: ``torchvision``, ``timm`` or ``factory``.
+        name: the model name (torchvision, timm) or the factory's ``file:callable``.
+    """
+
+    spec: str
+    kind: str
+    name: str
+
+    @property
+    def user_code(self) -> bool:
+        """Whether building it imports the user's code."""
+        return self.kind == "factory"
+
+    def build(self, device: str | torch.device = "cpu") -> nn.Module:
+        """A new instance with random weights (``device="meta"``: shapes only)."""
+        if self.kind == "torchvision":
+            if torch.device(device).type == "meta":
+                return _build_meta(self.name)
+            with _quiet(), torch.device(device):
+                return torchvision.models.get_model(self.name, weights=None)
+        if self.kind == "timm":
+            return _build_timm(self.name, device)
+        return _build_factory(self.name, device)
+
+    def preprocessing(self, model: nn.Module | None = None):
+        """The eval transform images need for this network (see :mod:`acl_convert.io.images`)."""
+        from .images import imagenet_transform, timm_transform, torchvision_transform
+
+        if self.kind == "torchvision":
+            return torchvision_transform(self.name)
+        if self.kind == "timm":
+            return timm_transform(model if model is not None else self.build("meta"))
+        return imagenet_transform()
+
+
+def parse_arch(spec: str) -> Architecture:
+    """The :class:`Architecture` a string names (see the module docstring).
+
+    Raises:
+        UsageError: an unknown torchvision or timm name (listing the closest), timm not
+            installed, or a factory whose file does not exist.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"an architecture must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec.startswith("timm:"):
+        return Architecture(f"timm:{_resolve_timm(spec[5:])}", "timm", _resolve_timm(spec[5:]))
+    if ":" in spec:
+        where, _, factory = spec.rpartition(":")
+        if not factory.isidentifier() or not where:
+            raise UsageError(
+                f"architecture {spec!r}: a factory is given as path/to/file.py:Factory or "
+                "package.module:Factory"
+            )
+        if where.endswith(".py") or "/" in where or "\\" in where:
+            path = Path(where).expanduser()
+            if not path.is_file():
+                raise UsageError(f"architecture {spec!r}: no such file {where}; check the path")
+            where = str(path.resolve())
+        return Architecture(f"{where}:{factory}", "factory", f"{where}:{factory}")
+    name = _resolve(spec)
+    return Architecture(name, "torchvision", name)
+
+
+def build_model(spec: str, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The network ``spec`` names (:func:`parse_arch`), with random weights (``weights=None``).
 
     Args:
-        name: a name from :func:`list_archs` (case and ``-``/``_`` are forgiven).
+        spec: a torchvision name (case and ``-``/``_`` forgiven), ``timm:NAME`` or a factory.
         device: where the parameters live; ``"meta"`` builds shapes only, instantly.
 
     Raises:
         UsageError: unknown name; the message lists the closest names.
     """
-    name = _resolve(name)
-    if torch.device(device).type == "meta":
-        return _build_meta(name)
+    return parse_arch(spec).build(device)
+
+
+def build_recorded(
+    recorded: str | None, given: str | None, *, trust_code: bool, what: str
+) -> nn.Module:
+    """The network of an AnaNN: ``given`` when the user names one, else the one ``recorded`` in
+    its header. A recorded factory runs the user's code, so it is only built with
+    ``trust_code`` (naming it again with ``given`` is trusting it too)."""
+    spec = given or recorded
+    if not spec:
+        raise UsageError(
+            f"{what} records no architecture (it was converted from tensors alone); pass the "
+            f"network it belongs to ({option('arch', 'NAME')}, or load_anann(path, model=...))"
+        )
+    arch = parse_arch(spec)
+    if arch.user_code and not given and not trust_code:
+        raise UsageError(
+            f"{what} records the architecture {arch.spec}, which is user code: importing it "
+            f"runs it; name it again ({option('arch', arch.spec)}) or pass "
+            f"{option('trust_code', True)} if you trust that file"
+        )
+    return arch.build()
+
+
+def _build_timm(name: str, device) -> nn.Module:
+    timm = _timm()
     with _quiet(), torch.device(device):
-        return torchvision.models.get_model(name, weights=None)
+        return timm.create_model(name, pretrained=False)
+
+
+def _build_factory(target: str, device) -> nn.Module:
+    where, _, factory = target.rpartition(":")
+    try:
+        if where.endswith(".py") or os.sep in where:
+            module_name = f"_acl_convert_user_{abs(hash(where)):x}"
+            spec = importlib.util.spec_from_file_location(module_name, where)
+            if spec is None or spec.loader is None:
+                raise UsageError(f"architecture {target}: {where} is not a Python file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"architecture {target}: importing {where} failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); fix that code"
+        ) from None
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise UsageError(f"architecture {target}: {where} has no callable {factory!r}")
+    with torch.device(device):
+        try:
+            model = fn()
+        except Exception as exc:
+            raise UserError(
+                f"architecture {target}: {factory}() failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); fix that code"
+            ) from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"architecture {target}: {factory}() returned a {type(model).__name__}, not an "
+            "nn.Module; give a callable that returns the network"
+        )
+    return model
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(
+            "timm architectures need timm, an optional extra: pip install 'acl-convert[timm]'"
+        ) from None
+    return timm
+
+
+@functools.cache
+def _timm_names() -> tuple[str, ...]:
+    return tuple(_timm().list_models())
+
+
+def _resolve_timm(name: str) -> str:
+    names = _timm_names()
+    if name in names:
+        return name
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    raise UsageError(f"unknown timm model {name!r}; {hint}see timm.list_models()")
 
 
 def _build_meta(name: str) -> nn.Module:
@@ -169,8 +351,9 @@ def _published_counts() -> dict[str, frozenset[int]]:
     return counts
 
 
-def detect_arch(state_dict: Mapping[str, Tensor]) -> str | None:
-    """The torchvision architecture whose ``state_dict()`` has exactly these keys and shapes.
+def detect_arch(state_dict: Mapping[str, Tensor], *, timm_search: bool = True) -> str | None:
+    """The architecture whose ``state_dict()`` has exactly these keys and shapes: a torchvision
+    name, or ``timm:NAME`` when timm is installed and exactly one timm model matches.
 
     ``num_batches_tracked`` entries are ignored on both sides. A model fine-tuned to another
     number of classes, or with renamed or missing keys, is not recognised.
@@ -178,11 +361,19 @@ def detect_arch(state_dict: Mapping[str, Tensor]) -> str | None:
     Args:
         state_dict: ``{key: tensor}`` (prefixes already stripped, see
             :func:`acl_convert.io.checkpoint.load_checkpoint`).
+        timm_search: also search timm's models (seconds to a minute: each candidate is built on
+            the meta device) when torchvision has no match.
 
     Returns:
-        The name (as for :func:`build_model`), or None when no architecture matches.
+        The architecture's spec (as for :func:`build_model`), or None when none matches, or
+        several timm models match equally.
     """
-    return _detect(_signature(state_dict))
+    signature = _signature(state_dict)
+    found = _detect(signature)
+    if found is None and timm_search and importlib.util.find_spec("timm") is not None:
+        matches = _detect_timm(signature)
+        found = f"timm:{matches[0]}" if len(matches) == 1 else None
+    return found
 
 
 @functools.lru_cache(maxsize=32)
@@ -194,6 +385,87 @@ def _detect(signature: Signature) -> str | None:
         if plausible and _arch_signature(name) == signature:
             return name
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _detect_timm(signature: Signature) -> tuple[str, ...]:
+    """timm models whose state dict has exactly ``signature``. Candidates come from the timm
+    modules (``timm.list_modules()``: resnet, efficientnet, ...) whose first model has the same
+    top-level module names as the checkpoint; only those are built."""
+    timm = _timm()
+    top = frozenset(k.split(".", 1)[0] for k, _ in signature)
+    matches = []
+    for module in _timm_modules_like(top):
+        for name in timm.list_models(module=module):
+            try:
+                if _timm_signature(name) == signature:
+                    matches.append(name)
+            except Exception:  # a model that cannot be built on meta is not a candidate
+                continue
+    return tuple(matches)
+
+
+def _timm_modules_like(top: frozenset[str]) -> list[str]:
+    return [m for m, names in _timm_module_tops().items() if names == top]
+
+
+@functools.cache
+def _timm_module_tops() -> dict[str, frozenset[str]]:
+    timm = _timm()
+    tops = {}
+    for module in timm.list_modules():
+        names = timm.list_models(module=module)
+        if not names:
+            continue
+        try:
+            keys = _timm_signature(names[0])
+        except Exception:
+            continue
+        tops[module] = frozenset(k.split(".", 1)[0] for k, _ in keys)
+    return tops
+
+
+@functools.cache
+def _timm_signature(name: str) -> Signature:
+    return _signature(_build_timm(name, "meta").state_dict())
+
+
+def model_for(
+    state_dict: Mapping[str, Tensor],
+    arch: str | None,
+    notes: list[str],
+    *,
+    required: bool = False,
+    what: str = "the checkpoint",
+) -> tuple[str | None, nn.Module | None]:
+    """The architecture of a state dict (``arch`` when given, else detected) and a model of it
+    with those weights, in eval mode; ``(None, None)`` when unknown (with ``required``, an
+    error). Appends a sentence to ``notes`` saying what was found."""
+    if arch:
+        parsed = parse_arch(arch)
+        model = parsed.build()
+        check_fits(model, state_dict, parsed.spec)
+    else:
+        spec = detect_arch(state_dict)
+        if spec is None:
+            if required:
+                raise UsageError(
+                    f"the architecture of {what} is not recognised among torchvision's (or "
+                    f"timm's) models; pass {option('arch', 'NAME')}"
+                )
+            notes.append(
+                "architecture not recognised among torchvision's (or timm's) models; converting "
+                f"the tensors only (give {option('arch', 'NAME')} to calibrate, evaluate or "
+                "load it as a network)"
+            )
+            return None, None
+        notes.append(f"architecture detected: {spec}")
+        parsed = parse_arch(spec)
+        model = parsed.build()
+    # check_fits / detect_arch matched every key and shape already; strict=False only forgives
+    # the num_batches_tracked counters that checkpoints older than PyTorch 0.4.1 lack.
+    model.load_state_dict(state_dict, strict=False)
+    return parsed.spec, model.eval()
 
 
 def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], name: str) -> None:
@@ -211,22 +483,22 @@ def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], name: str) ->
     given = {
         k: tuple(v.shape) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
     }
-    fix = "pass the architecture it was trained with, or leave --arch out to detect it"
+    fix = f"give the architecture it was trained with, or leave {option('arch')} out to detect it"
     missing = [k for k in expected if k not in given]
     if missing:
         raise UsageError(
-            f"the checkpoint does not fit --arch {name}: it has no {missing[0]!r} "
+            f"the checkpoint does not fit {option('arch', name)}: it has no {missing[0]!r} "
             f"({len(missing)} missing keys); {fix}"
         )
     unexpected = [k for k in given if k not in expected]
     if unexpected:
         raise UsageError(
-            f"the checkpoint does not fit --arch {name}: {name} has no "
+            f"the checkpoint does not fit {option('arch', name)}: {name} has no "
             f"{unexpected[0]!r} ({len(unexpected)} unexpected keys); {fix}"
         )
     for key, shape in given.items():
         if shape != expected[key]:
             raise UsageError(
-                f"the checkpoint does not fit --arch {name}: {key!r} has shape "
+                f"the checkpoint does not fit {option('arch', name)}: {key!r} has shape "
                 f"{shape} in the checkpoint but {expected[key]} in {name}; {fix}"
             )

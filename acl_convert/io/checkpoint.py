@@ -8,8 +8,9 @@ from the file; ``trust_pickle=True`` (``--trust-pickle``) lifts that for files t
 There is no silent unsafe fallback.
 
 The state dict is dug out of the usual wrappers (``{"state_dict": ...}``, ``{"model": ...}``,
-...), and the ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``)
-prefixes are stripped when every key has them. Every problem is a one-line :class:`UserError`
+...), and the ``module.`` (DistributedDataParallel), ``_orig_mod.`` (``torch.compile``) and
+``model.`` (a Lightning module's network) prefixes are stripped when every key has them;
+:meth:`Checkpoint.notes` says what was done. Every problem is a one-line :class:`UserError`
 that names the file, the problem and the fix.
 """
 
@@ -31,7 +32,14 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 
-__all__ = ["Checkpoint", "load_checkpoint", "sha256_file", "WRAPPER_KEYS", "PREFIXES"]
+__all__ = [
+    "Checkpoint",
+    "load_checkpoint",
+    "save_state_dict",
+    "sha256_file",
+    "WRAPPER_KEYS",
+    "PREFIXES",
+]
 
 #: Keys under which training code commonly nests the state dict, in the order they are tried:
 #: the main weights before EMA copies.
@@ -48,8 +56,9 @@ WRAPPER_KEYS = (
     "params",
 )
 
-#: Key prefixes added by wrappers: DistributedDataParallel / DataParallel, and torch.compile.
-PREFIXES = ("module.", "_orig_mod.")
+#: Key prefixes added by wrappers: DistributedDataParallel / DataParallel, torch.compile, and a
+#: LightningModule holding the network as ``self.model``. Stripped only when every key has one.
+PREFIXES = ("module.", "_orig_mod.", "model.")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
@@ -86,6 +95,19 @@ class Checkpoint:
     stripped_prefix: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """What unwrapping did, one sentence each (nothing when the file was a plain state
+        dict)."""
+        out = []
+        if self.nested_key:
+            out.append(f"{self.path.name}: took the state dict under {self.nested_key!r}")
+        if self.stripped_prefix:
+            out.append(f"{self.path.name}: stripped the key prefix {self.stripped_prefix!r}")
+        if self.dropped:
+            shown = ", ".join(self.dropped[:6]) + (", ..." if len(self.dropped) > 6 else "")
+            out.append(f"{self.path.name}: left out {len(self.dropped)} other entries ({shown})")
+        return out
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -134,6 +156,26 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> C
     if not ckpt.state_dict:
         raise UserError(f"{path} does not contain any tensors; is it a checkpoint? {_FIX_FORMAT}")
     return ckpt
+
+
+def save_state_dict(path: str | os.PathLike, state: dict[str, Tensor]) -> Path:
+    """Write a plain state dict atomically: ``.safetensors`` by suffix, else ``torch.save``'s
+    format. The same tensors always give the same bytes (keys sorted; torch's archive is
+    written through a file object, so no temporary file name ends up inside it)."""
+    from .outputs import write_atomic
+
+    path = Path(path)
+    data = {k: state[k].detach().contiguous() for k in sorted(state)}
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return write_atomic(path, lambda tmp: safetensors.torch.save_file(data, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+
+    return write_atomic(path, write)
 
 
 def _read_head(path: Path) -> tuple[bytes, int]:

@@ -10,7 +10,14 @@ from torch import Tensor
 
 from ..errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "preprocessing", "load_batches"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "list_images",
+    "preprocessing",
+    "imagenet_transform",
+    "load_image",
+    "load_batches",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -33,17 +40,42 @@ def list_images(folder: str | Path, *, limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def preprocessing(arch: str | None) -> Callable:
-    """The eval transform of the architecture's default torchvision weights (no download: only
-    the transform's recipe is read), or the standard ImageNet one."""
+def preprocessing(arch: str | None, model=None) -> Callable:
+    """The eval transform for the architecture ``arch`` names (see
+    :func:`acl_convert.io.arch.parse_arch`; ``model``, when at hand, saves building a timm
+    model again), or the standard ImageNet one when it is unknown."""
+    if not arch:
+        return imagenet_transform()
+    from .arch import parse_arch
+
+    return parse_arch(arch).preprocessing(model)
+
+
+def torchvision_transform(name: str) -> Callable:
+    """The eval transform of a torchvision model's default weights (only the recipe is read,
+    nothing is downloaded), or the ImageNet one when it has no published weights."""
     import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    except (ValueError, AttributeError, KeyError):
+        return imagenet_transform()
+
+
+def timm_transform(model) -> Callable:
+    """The eval transform timm's data config gives ``model`` (its pretrained config's input
+    size, crop and normalisation)."""
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    return timm.data.create_transform(**config)
+
+
+def imagenet_transform() -> Callable:
+    """Resize 256, centre crop 224, ImageNet mean and std: what most ImageNet CNNs expect (the
+    default for an architecture of the user's own)."""
     from torchvision import transforms as T
 
-    if arch:
-        try:
-            return torchvision.models.get_model_weights(arch).DEFAULT.transforms()
-        except (ValueError, AttributeError, KeyError):
-            pass  # no published weights: fall back to the ImageNet recipe below
     return T.Compose(
         [
             T.Resize(256),

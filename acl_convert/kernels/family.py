@@ -19,11 +19,51 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Param", "KernelFamily", "grid"]
+__all__ = ["Param", "Search", "KernelFamily", "grid"]
 
 #: How a parameter is kept valid during optimisation. ``positive``: AKP = exp(u), so any real u
 #: gives a valid value and no clipping is ever needed. ``angle``/``real``: AKP = u.
 PARAM_KINDS = ("positive", "angle", "real")
+#: How the fitter's starting dictionary samples an AKP (see :class:`Search`).
+SEARCH_AXES = ("scale", "ratio", "orientation", "phase", "centre")
+
+
+@dataclass(frozen=True)
+class Search:
+    """How the fitter's starting dictionary (``acl_convert.fit.dictionary``) samples one AKP.
+
+    Attributes:
+        axis: ``scale`` (a length in px, log-spaced from ``lo`` to ``max(hi_min, hi * e)`` with
+            ``e = max(h, w)``: from below a pixel to about the kernel's extent); ``ratio`` (a
+            dimensionless positive value, log-spaced from ``lo`` to ``hi``); ``orientation`` and
+            ``phase`` (angles over ``[0, pi)``: with a gain of either sign a half-turn is a sign
+            flip or the same kernel; orientations get a grid that grows with the kernel);
+            ``centre`` (a position in px, a few points around 0).
+        lo, hi, hi_min: the range of ``scale`` and ``ratio`` axes, as above.
+    """
+
+    axis: str
+    lo: float = 0.35
+    hi: float = 3.0
+    hi_min: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.axis not in SEARCH_AXES:
+            raise ValueError(f"Search axis must be one of {SEARCH_AXES}, got {self.axis!r}")
+
+    def range(self, h: int, w: int) -> tuple[float, float]:
+        """``(lo, hi)`` of a ``scale`` or ``ratio`` axis for an ``h x w`` kernel."""
+        if self.axis == "ratio":
+            return self.lo, self.hi
+        return self.lo, max(self.hi_min, self.hi * max(h, w))
+
+
+#: The search of an AKP that does not declare one, by its kind.
+_DEFAULT_SEARCH = {
+    "positive": Search("scale"),
+    "angle": Search("orientation"),
+    "real": Search("centre"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +78,8 @@ class Param:
         init: ``(h, w) -> (lo, hi)``, the range random initialisation draws from, in AKP units.
             Positive parameters are drawn log-uniformly, the others uniformly.
         doc: one line on what the parameter does.
+        search: how the fitter's dictionary samples it; default by ``kind``: a length scale, an
+            orientation, a centre offset.
     """
 
     name: str
@@ -46,12 +88,15 @@ class Param:
     valid: str
     init: Callable[[int, int], tuple[float, float]]
     doc: str = ""
+    search: Search | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PARAM_KINDS:
             raise ValueError(
                 f"Param {self.name!r}: kind must be one of {PARAM_KINDS}, got {self.kind!r}"
             )
+        if self.search is None:
+            object.__setattr__(self, "search", _DEFAULT_SEARCH[self.kind])
 
 
 def grid(h: int, w: int, *, device=None, dtype=None) -> tuple[Tensor, Tensor]:
@@ -90,6 +135,7 @@ class KernelFamily:
             carry a fit across a jump, so the fitter refines more starting points.
         tex: the formula in LaTeX, for docs.
         doc: one paragraph for docs and ``--help``.
+        colour: RGB of the family in pictures (the paper's Fig. 4a colours where it has them).
     """
 
     code: str
@@ -101,6 +147,7 @@ class KernelFamily:
     smooth: bool = True
     tex: str = ""
     doc: str = ""
+    colour: tuple[int, int, int] = (0, 150, 160)
 
     # --- shape meta-data -------------------------------------------------------------------
 
@@ -116,6 +163,21 @@ class KernelFamily:
     def param_count(self, h: int, w: int) -> int:
         """Number of values that define one ``h x w`` kernel of this family (no gain/offset)."""
         return h * w if self.plain else len(self.params)
+
+    @property
+    def label(self) -> str:
+        """``"G gabor"``: code and name, as legends and tables show a family."""
+        return f"{self.code} {self.name}"
+
+    def carries_offset(self, offset: bool, gain: bool = True) -> bool:
+        """Whether a kernel of this family has its own offset parameter when the layer's ACKs
+        have offsets (``offset``) and gains (``gain``). A family without AKPs (Mean) is a
+        constant kernel: with a gain the gain already sets the constant, so an offset would be a
+        second parameter for the same thing (SPEC §4); without a gain the offset is its one.
+        Plain kernels never have one."""
+        if self.plain or not offset:
+            return False
+        return bool(self.params) or not gain
 
     # --- evaluation ------------------------------------------------------------------------
 
@@ -150,6 +212,30 @@ class KernelFamily:
         if not akps:  # Mean: no AKPs, the leading shape comes from params alone
             return self.formula(x, y).expand(*params.shape[:-1], h, w).clone()
         return self.formula(x, y, *akps)
+
+    def synthesize(
+        self,
+        params: Tensor,
+        h: int,
+        w: int,
+        gain: Tensor | None = None,
+        offset: Tensor | None = None,
+    ) -> Tensor:
+        """The analytic kernel ``gain * f(params) + offset`` (SPEC §2), the one place a fitted or
+        trained ACK becomes kernel values.
+
+        ``params`` ``(..., P)``; ``gain`` and ``offset`` broadcast against the leading shape
+        ``(...)`` (None: 1 and 0). Evaluated in float64 whatever the inputs' dtype (kernels are
+        tiny, so it costs nothing): a kernel near its flat limit is a large gain times a nearly
+        constant shape plus a large offset, and in float32 that sum cancels. Returns float64
+        ``(..., h, w)``, differentiable in all three inputs.
+        """
+        out = self(params.double(), h, w)
+        if gain is not None:
+            out = gain.double()[..., None, None] * out
+        if offset is not None:
+            out = out + offset.double()[..., None, None]
+        return out
 
     # --- reparameterisation ----------------------------------------------------------------
 

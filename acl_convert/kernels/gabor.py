@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .family import KernelFamily, Param, fold_pi, wrap_pi
+from .family import KernelFamily, Param, Search, fold_pi, wrap_pi
 from .registry import register
 
 
@@ -42,6 +42,8 @@ GABOR = register(
                 "(0, inf)",
                 lambda h, w: (2.0, max(3.0, 2.0 * max(h, w))),
                 "wavelength of the sinusoid",
+                # From the diagonal Nyquist wavelength (1.4 px) up: shorter is aliased.
+                Search("scale", lo=1.4, hi_min=4.0),
             ),
             Param(
                 "theta",
@@ -58,6 +60,7 @@ GABOR = register(
                 "(-pi, pi] canonical",
                 lambda h, w: (-math.pi, math.pi),
                 "phase offset",
+                Search("phase"),
             ),
             Param(
                 "sigma",
@@ -69,6 +72,7 @@ GABOR = register(
             ),
         ),
         formula=_gabor,
+        colour=(220, 30, 30),
         canonical=_canonical,
         tex=r"\exp\!\left(-\frac{x'^2 + y'^2}{2\sigma^2}\right)"
         r"\cos\!\left(\frac{2\pi x'}{\lambda} + \psi\right)",

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .family import KernelFamily, Param
+from .family import KernelFamily, Param, Search
 from .gabor import GABOR
 from .gabor import _canonical as _gabor_canonical
 from .registry import register
@@ -57,6 +57,7 @@ GABOR_EXT = register(
                 "(-pi, pi] canonical",
                 lambda h, w: (-math.pi, math.pi),
                 "phase offset (at the centre x0, y0)",
+                Search("phase"),
             ),
             Param(
                 "sigma",
@@ -73,6 +74,8 @@ GABOR_EXT = register(
                 "(0, inf)",
                 lambda h, w: (0.5, 2.0),
                 "aspect ratio: the envelope's s.d. along y' (the stripes) is sigma / gamma",
+                # A ratio, not a length: one decade around 1 whatever the kernel's size.
+                Search("ratio", lo=0.3, hi=3.0),
             ),
             Param(
                 "x0",
@@ -92,6 +95,7 @@ GABOR_EXT = register(
             ),
         ),
         formula=_gabor_ext,
+        colour=(0, 150, 160),
         canonical=_canonical,
         tex=r"\exp\!\left(-\frac{x'^2 + \gamma^2 y'^2}{2\sigma^2}\right)"
         r"\cos\!\left(\frac{2\pi x'}{\lambda} + \psi\right),\ "

@@ -77,6 +77,7 @@ GAUSS1ST = register(
             _sigma(),
         ),
         formula=_gauss1st,
+        colour=(140, 85, 40),
         canonical=_canonical_1st,
         tex=r"\sigma\,\partial_{x'} e^{-\frac{x^2+y^2}{2\sigma^2}}"
         r" = -\frac{x'}{\sigma}\,e^{-\frac{x^2+y^2}{2\sigma^2}}",
@@ -101,6 +102,7 @@ GAUSS2ND = register(
             _sigma(),
         ),
         formula=_gauss2nd,
+        colour=(150, 150, 0),
         canonical=_canonical_2nd,
         tex=r"\sigma^2\,\partial_{x'}^2 e^{-\frac{x^2+y^2}{2\sigma^2}}"
         r" = \left(\frac{x'^2}{\sigma^2} - 1\right)e^{-\frac{x^2+y^2}{2\sigma^2}}",

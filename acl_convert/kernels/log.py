@@ -31,6 +31,7 @@ LOG = register(
             ),
         ),
         formula=_log,
+        colour=(130, 50, 190),
         tex=r"-\frac{1}{\pi\sigma^4}\left[1 - \frac{x^2+y^2}{2\sigma^2}\right]"
         r"e^{-\frac{x^2+y^2}{2\sigma^2}}",
         doc="Laplacian of Gaussian: a centre-surround blob detector, negative at the centre.",

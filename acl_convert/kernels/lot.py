@@ -32,6 +32,7 @@ LOT = register(
             ),
         ),
         formula=_lot,
+        colour=(240, 100, 190),
         tex=r"V - \mathrm{sum}(V)\,\mathbf{I}_{x=y=0},\ V = e^{-(x^2+y^2)/\sigma^2}",
         doc="Laplacian of TGD: a positive surround with a negative centre that sums to zero.",
     )

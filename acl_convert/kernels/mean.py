@@ -21,6 +21,7 @@ MEAN = register(
         name="mean",
         params=(),
         formula=_mean,
+        colour=(60, 60, 60),
         tex=r"\mathbf{1}_{h\times w} / \sqrt{h w}",
         doc="Constant kernel of unit L2 norm. No AKPs; as an ACK it never changes.",
     )

@@ -16,6 +16,7 @@ PLAIN = register(
         name="plain",
         params=(),
         formula=_never_called,
+        colour=(255, 140, 0),
         plain=True,
         tex=r"W_{ij} = \phi_{(i-1)w + j}",
         doc="An ordinary convolution kernel: all h*w values are free parameters.",

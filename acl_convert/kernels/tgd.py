@@ -93,6 +93,7 @@ TGD1ST = register(
             ),
         ),
         formula=_tgd1st,
+        colour=(30, 90, 230),
         canonical=_canonical_tgd1st,
         smooth=False,
         tex=r"e^{-x'^2/\gamma_1^2 - y'^2/\gamma_2^2}\,\mathrm{sign}(x')\,\mathbf{I}_{|x'|>\delta}",
@@ -124,6 +125,7 @@ TGD2ND = register(
             ),
         ),
         formula=_tgd2nd,
+        colour=(20, 160, 60),
         canonical=_canonical_tgd2nd,
         tex=r"V - \mathrm{sum}(V)\,\mathbf{I}_{x=y=0},\ V = e^{-(x'^2+y'^2)/\gamma^2}"
         r"\left|\frac{x'}{x'^2+y'^2}\right|,\ V(0,0)=0",

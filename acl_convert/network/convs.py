@@ -25,6 +25,7 @@ __all__ = [
     "eligible",
     "select_layers",
     "estimate_fit_seconds",
+    "listing",
     "SECONDS_PER_KERNEL_FAMILY_PIXEL",
 ]
 
@@ -268,6 +269,24 @@ def _raise_nothing_eligible(layers: list[ConvLayer]) -> NoReturn:
         f"({len(layers)} found, all smaller); there is nothing to convert; give a "
         "checkpoint with 2x2 or larger kernels"
     )
+
+
+def listing(layers: Sequence[ConvLayer]) -> list[dict]:
+    """One JSON-ready row per convolution: name, shape, groups, kernels, whether it can be
+    converted and a CPU fit-time estimate (``acl-convert layers``)."""
+    return [
+        {
+            "name": lay.name,
+            "shape": list(lay.shape),
+            "groups": lay.groups,
+            "kernels": lay.num_kernels,
+            "eligible": eligible(lay),
+            "fit_seconds_estimate": estimate_fit_seconds(lay.num_kernels, lay.kernel_size)
+            if eligible(lay)
+            else None,
+        }
+        for lay in layers
+    ]
 
 
 def estimate_fit_seconds(

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels, pattern
+from .assignment import Assignment
 
 __all__ = ["ACL", "channel_rows"]
 
@@ -150,9 +151,7 @@ class ACL(nn.Module):
                 self.akp[code] = nn.Parameter(fam.to_unconstrained(akps))
             if self.gain_enabled:
                 self.gain[code] = nn.Parameter(torch.ones(len(idx), **factory))
-            # A Mean kernel with a gain is already any constant, so an offset would be a second
-            # parameter for the same thing (SPEC §4); without a gain the offset is its one.
-            if self.offset_enabled and (fam.num_params or not self.gain_enabled):
+            if fam.carries_offset(self.offset_enabled, self.gain_enabled):
                 self.offset[code] = nn.Parameter(torch.zeros(len(idx), **factory))
         if _PLAIN not in codes:
             self.register_parameter("plain", None)
@@ -181,7 +180,7 @@ class ACL(nn.Module):
         return cls(in_channels, out_channels, kernel_size, assignment=pattern_text, **kwargs)
 
     @classmethod
-    def from_assignment(
+    def from_values(
         cls,
         in_channels: int,
         out_channels: int,
@@ -196,7 +195,8 @@ class ACL(nn.Module):
         akp_rows: Mapping[str, Sequence[int] | Tensor] | None = None,
         **conv_kwargs,
     ) -> ACL:
-        """Build a layer from explicit per-kernel values (what the converter produces).
+        """Build a layer from explicit per-family values (:meth:`from_assignment` takes the
+        converter's per-kernel record instead).
 
         Args:
             codes: family code per kernel, length ``Co * Ci/groups``.
@@ -240,7 +240,7 @@ class ACL(nn.Module):
         h, w = conv.kernel_size
         flat = conv.weight.detach().reshape(-1, h, w)
         plain_idx = [k for k, c in enumerate(codes) if c == _PLAIN]
-        return cls.from_assignment(
+        return cls.from_values(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -258,6 +258,83 @@ class ACL(nn.Module):
             padding_mode=conv.padding_mode,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
+        )
+
+    @classmethod
+    def from_assignment(cls, assignment: Assignment, **conv_kwargs) -> ACL:
+        """The layer an :class:`~acl_convert.nn.assignment.Assignment` describes: its ACKs with
+        their AKPs, gains and offsets (kernels with one ``tie`` id share an AKP row), its plain
+        kernels and bias. ``conv_kwargs`` are the conv's other hyper-parameters (``stride``,
+        ``padding``, ``groups``, ``dtype``...); ``in_channels`` is ``Ci/groups * groups``."""
+        co, cig, h, w = assignment.shape
+        akps, gains, offsets, rows = {}, {}, {}, {}
+        for code in assignment.present():
+            if code == _PLAIN:
+                continue
+            fam = kernels.get(code)
+            idx = assignment.index(code)
+            row_of, first = assignment.rows(code)
+            akps[code] = assignment.akps[first, : fam.num_params]
+            if assignment.gain_enabled:
+                gains[code] = assignment.gain[idx]
+            if fam.carries_offset(assignment.offset_enabled, assignment.gain_enabled):
+                offsets[code] = assignment.offset[idx]
+            if len(first) < len(idx):
+                rows[code] = row_of
+        plain_idx = assignment.index(_PLAIN)
+        return cls.from_values(
+            cig * conv_kwargs.get("groups", 1),
+            co,
+            (h, w),
+            assignment.codes,
+            akps,
+            gains=gains or None,
+            offsets=offsets or None,
+            plain=assignment.plain[plain_idx] if len(plain_idx) else None,
+            bias=assignment.bias,
+            akp_rows=rows or None,
+            **conv_kwargs,
+        )
+
+    @torch.no_grad()
+    def assignment(self) -> Assignment:
+        """The layer's current values as an :class:`~acl_convert.nn.assignment.Assignment`
+        (AKPs in the paper's units; kernels sharing an AKP row get one ``tie`` id)."""
+        h, w = self.kernel_size
+        k_total = self.num_kernels
+        codes = self.codes
+        p_max = max([kernels.get(c).num_params or 0 for c in set(codes)] + [0])
+        akps = torch.zeros(k_total, p_max, dtype=torch.float64)
+        gain = torch.zeros(k_total, dtype=torch.float64)
+        offset = torch.zeros(k_total, dtype=torch.float64)
+        tie = torch.full((k_total,), -1, dtype=torch.long)
+        next_tie = 0
+        for code in self.codes_present():
+            if code == _PLAIN:
+                continue
+            idx = self.index(code).cpu()
+            n_akp = kernels.get(code).num_params
+            akps[idx, :n_akp] = self.kernel_akps(code).detach().double().cpu()
+            gain[idx] = self.gain[code].double().cpu() if code in self.gain else 1.0
+            if code in self.offset:
+                offset[idx] = self.offset[code].double().cpu()
+            if self.is_tied(code):
+                rows = self.akp_rows(code).cpu()
+                shared = torch.bincount(rows)[rows] > 1
+                tie[idx[shared]] = rows[shared] + next_tie
+                next_tie += self.num_rows(code)
+        plain = self.synthesize().detach().double().cpu().reshape(k_total, h, w)
+        return Assignment(
+            shape=(self.out_channels, self.in_channels // self.groups, h, w),
+            codes=codes,
+            akps=akps,
+            gain=gain,
+            offset=offset,
+            plain=plain,
+            bias=None if self.bias is None else self.bias.detach().double().cpu(),
+            offset_enabled=self.offset_enabled,
+            gain_enabled=self.gain_enabled,
+            tie=tie if next_tie else None,
         )
 
     @torch.no_grad()
@@ -420,17 +497,15 @@ class ACL(nn.Module):
             if code == _PLAIN:
                 block = self.plain
             else:
-                # float64 for the ACK values (kernels are tiny, so it costs nothing): a kernel
-                # near its flat limit is a large gain times a nearly constant shape plus a large
-                # offset, and in float32 that sum cancels.
-                fam = kernels.get(code)
-                # One kernel per AKP row, then one per kernel: the gather sums the gradients of
-                # the kernels sharing a row into that row.
-                block = fam(self.akps(code).double(), h, w)[self.akp_rows(code)]
-                if code in self.gain:
-                    block = self.gain[code].double()[:, None, None] * block
-                if code in self.offset:
-                    block = block + self.offset[code].double()[:, None, None]
+                # One AKP set per kernel: the gather sums the gradients of the kernels sharing
+                # a row into that row.
+                block = kernels.get(code).synthesize(
+                    self.akps(code)[self.akp_rows(code)],
+                    h,
+                    w,
+                    self.gain[code] if code in self.gain else None,
+                    self.offset[code] if code in self.offset else None,
+                )
                 block = block.to(self._dtype())
             idx.append(index)
             blocks.append(block)

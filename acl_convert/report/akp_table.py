@@ -25,7 +25,7 @@ def akp_table(path: str | Path) -> dict[str, Any]:
         layer = build_layer(record, tensors).to_empty(device="cpu")
         layer.load_state_dict(tensors, strict=True)
         layer.canonicalize_()
-        cig = record["shape"][1]
+        cig = record.shape[1]
         rows: list[dict[str, Any]] = [{} for _ in range(layer.num_kernels)]
         for code in layer.codes_present():
             fam = kernels.get(code)
@@ -48,12 +48,13 @@ def akp_table(path: str | Path) -> dict[str, Any]:
         layers.append(
             {
                 "name": name,
-                "pattern": record["pattern"],
-                "compact_factor": record["compact_factor"],
+                "pattern": record.pattern,
+                "compact_factor": record.compact_factor,
                 "kernels": rows,
             }
         )
-    return {"source": ana.header["source"], "arch": ana.header.get("arch"), "layers": layers}
+    source = {"file": ana.header.source_file, "sha256": ana.header.source_sha256}
+    return {"source": source, "arch": ana.header.arch, "layers": layers}
 
 
 def to_csv(table: dict[str, Any]) -> str:

@@ -3,8 +3,8 @@
 One PNG per layer: two panels, ``original | fitted``, each a grid of tiles. A layer with 3 input
 channels per group shows one RGB tile per output channel (its three kernels as R, G, B), as the
 paper draws first layers; any other layer shows one grayscale tile per kernel. Every tile has a
-frame in the colour of its family (:data:`FAMILY_COLOURS`, the paper's Fig. 4a colours), the title
-above names the layer and its family counts, and a legend below lists the families present.
+frame in the colour of its family (:attr:`KernelFamily.colour`, the paper's Fig. 4a colours), the
+title above names the layer and its family counts, and a legend below lists the families present.
 
 >>> import torch
 >>> W = torch.randn(4, 3, 7, 7)
@@ -30,23 +30,11 @@ from torch import Tensor
 from .. import kernels
 from ..io.outputs import write_atomic
 
-__all__ = ["FAMILY_COLOURS", "family_colour", "render_mosaic", "save_mosaic", "mosaic_path"]
+__all__ = ["family_colour", "render_mosaic", "save_mosaic", "mosaic_path"]
 
-#: Frame colour per family code. The paper's Fig. 4a: red Gabor, purple LoG, pink LoT, blue
-#: TGD1st, green TGD2nd, orange Plain. Mean is not in that figure; it gets charcoal, which no
-#: other family is near and which stands apart from the mid-grey (zero) of grayscale tiles.
-FAMILY_COLOURS: dict[str, tuple[int, int, int]] = {
-    "G": (220, 30, 30),
-    "Lg": (130, 50, 190),
-    "Lt": (240, 100, 190),
-    "Tf": (30, 90, 230),
-    "Ts": (20, 160, 60),
-    "M": (60, 60, 60),
-    "P": (255, 140, 0),
-}
-
-# Families added later get one of these, chosen by a stable hash of the code (not ``hash()``,
-# which changes between runs), so the same code has the same colour in every picture.
+# A code the registry does not know (a file from a newer version) gets one of these, chosen by a
+# stable hash of the code (not ``hash()``, which changes between runs), so the same code has the
+# same colour in every picture.
 _SPARE_COLOURS: tuple[tuple[int, int, int], ...] = (
     (0, 150, 160),  # teal
     (140, 85, 40),  # brown
@@ -68,16 +56,17 @@ _PANEL_GAP_PX = 28
 
 
 def family_colour(code: str) -> tuple[int, int, int]:
-    """The frame colour of family ``code``: from :data:`FAMILY_COLOURS`, else a fixed spare
-    colour derived from the code, so an unknown family never stops a picture."""
-    if code in FAMILY_COLOURS:
-        return FAMILY_COLOURS[code]
-    return _SPARE_COLOURS[zlib.crc32(str(code).encode()) % len(_SPARE_COLOURS)]
+    """The frame colour of family ``code``: the family's own (:attr:`KernelFamily.colour`), else
+    a fixed spare colour derived from the code, so an unknown family never stops a picture."""
+    try:
+        return kernels.get(code).colour
+    except KeyError:
+        return _SPARE_COLOURS[zlib.crc32(str(code).encode()) % len(_SPARE_COLOURS)]
 
 
 def _family_label(code: str) -> str:
     try:
-        return f"{code} {kernels.get(code).name}"
+        return kernels.get(code).label
     except KeyError:
         return code
 

@@ -41,6 +41,7 @@ from .. import kernels
 from ..errors import UsageError, UserError
 from ..fit import lm
 from ..io.anann import save_anann
+from ..io.header import AnaNNHeader
 from ..io.outputs import write_atomic
 from ..nn.acl import ACL
 
@@ -245,7 +246,7 @@ def finetune(
     config: FinetuneConfig,
     *,
     output: str | Path,
-    header: dict[str, Any],
+    header: AnaNNHeader,
     teacher: nn.Module | None = None,
     resume: bool = False,
     device: torch.device | str = "cpu",
@@ -396,7 +397,7 @@ def _save(
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: FinetuneConfig,
-    header: dict[str, Any],
+    header: AnaNNHeader,
     epochs_done: int,
     losses: list[float],
 ) -> None:
@@ -417,9 +418,7 @@ def _save(
     saved = copy.deepcopy(student).cpu()
     for acl in acl_layers(saved).values():
         acl.canonicalize_()
-    new_header = {k: v for k, v in header.items() if k not in ("format", "format_version")}
-    new_header["finetune"] = record
-    save_anann(output, saved.state_dict(), new_header)
+    save_anann(output, saved.state_dict(), header.with_extra("finetune", record))
 
 
 def require_state(spath: Path) -> None:
