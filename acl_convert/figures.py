@@ -173,6 +173,7 @@ _TITLE_H = 0.7
 _HEADER_H = 0.14  # "original / fitted / diff" above the first row
 _LEGEND_H = 1.15
 _MARGIN = 0.2
+_MAX_WIDTH = 12.5  # of the grid
 
 
 def _tile_inches(h: int, w: int) -> float:
@@ -181,17 +182,17 @@ def _tile_inches(h: int, w: int) -> float:
 
 
 def _columns(n: int, unit_w: float, unit_h: float, ci: int, rgb: bool) -> int:
-    """Units per row: a grid about twice as wide as tall, preferring a count that divides ``n``
-    so the last row is full; for multi-channel grayscale layers a multiple or divisor of ``Ci``,
-    so each row starts a new output channel or a whole part of one."""
+    """Units per row: a grid about twice as wide as tall and at most :data:`_MAX_WIDTH` wide;
+    for multi-channel grayscale layers a multiple or divisor of ``Ci``, so each row starts a
+    new output channel or a whole part of one."""
     step_w, step_h = unit_w + _UNIT_GAP, unit_h + _UNIT_GAP
-    c = max(1, min(n, round(math.sqrt(2 * n * step_h / step_w))))
+    cap = max(1, math.floor((_MAX_WIDTH + _UNIT_GAP) / step_w))
+    c = max(1, min(n, cap, round(math.sqrt(2 * n * step_h / step_w))))
     if not rgb and ci > 1:
         if ci <= c:
-            return min(n, ci * max(1, round(c / ci)))
-        return min((d for d in range(1, ci + 1) if ci % d == 0), key=lambda d: abs(d - c))
-    near = [d for d in range(max(1, c - 2), min(n, c + 2) + 1) if n % d == 0]
-    return min(near, key=lambda d: (abs(d - c), -d)) if near else c
+            return min(n, ci * (c // ci))
+        return min((d for d in range(1, min(ci, cap) + 1) if ci % d == 0), key=lambda d: abs(d - c))
+    return c
 
 
 def kernel_mosaic(
@@ -272,10 +273,10 @@ def kernel_mosaic(
     fig = _new_figure(fig_w, fig_h)
 
     what = "output channels" if rgb else "kernels"
-    detail = f"{co * ci} kernels {h}x{w} ({co} out x {ci} in)"
+    detail = f"{co * ci} kernel{'s' * (co * ci > 1)} {h}x{w} ({co} out x {ci} in)"
     if threshold is not None:
         detail += f", converted where residual <= {threshold:g}"
-    detail += f"; showing {shown} of {total} {what}" if shown < total else f"; all {total} {what}"
+    detail += f"; showing {shown} of {total} {what}" if shown < total else f"; all {what}"
     if channels is not None or shown < total:
         detail += f" (output channels {_channel_list([q for q, _ in units])})"
     detail += (
@@ -386,7 +387,13 @@ def _tile(ax, image: np.ndarray, x: float, y: float, tw: float, th: float, gid: 
     return im
 
 
-def _frame(ax, x: float, y: float, w: float, h: float, colour, lw: float = 1.6) -> None:
+def _frame_width(cat: str) -> float:
+    """ACK frames are drawn bold; plain and zero kernels, which have no fit to judge, thin, so
+    the analytic kernels stand out."""
+    return 0.8 if cat == ZERO or _is_plain(cat) else 1.8
+
+
+def _frame(ax, x: float, y: float, w: float, h: float, colour, lw: float) -> None:
     pad = 0.012
     ax.add_patch(
         Rectangle(
@@ -422,7 +429,7 @@ def _draw_rgb_unit(ax, orig, fit, q, cats, res, xs, y0, tw, th) -> None:
             vmin=-half,
             vmax=half,
         )
-        _frame(ax, x, y0, tw, th, _rgb(cats[k]))
+        _frame(ax, x, y0, tw, th, _rgb(cats[k]), _frame_width(cats[k]))
         ax.text(
             x + tw / 2,
             y0 - 0.015,
@@ -453,7 +460,7 @@ def _draw_gray_unit(ax, orig, fit, q, p, ci, cats, res, xs, y0, tw, th) -> None:
         vmin=-half,
         vmax=half,
     )
-    _frame(ax, xs[0], y0, xs[2] + tw - xs[0], th, _rgb(cats[k]))
+    _frame(ax, xs[0], y0, xs[2] + tw - xs[0], th, _rgb(cats[k]), _frame_width(cats[k]))
     where = f"{q}:{p}" if ci > 1 else f"{q}"
     ax.text(
         xs[0],
@@ -469,7 +476,12 @@ def _mosaic_legend(fig: Figure, cats: Sequence[str], rgb: bool, fig_w: float, fi
     """Frame colours with the layer's counts on the left; the colour scales on the right."""
     counts = _counts(cats)
     handles = [
-        Patch(facecolor="white", edgecolor=_rgb(c), linewidth=2, label=f"{_family_name(c)}: {n}")
+        Patch(
+            facecolor="white",
+            edgecolor=_rgb(c),
+            linewidth=_frame_width(c) * 1.2,
+            label=f"{_family_name(c)}: {n}",
+        )
         for c, n in counts
     ]
     frame_of = "each difference tile" if rgb else "each kernel (orig | fit | diff)"
@@ -600,7 +612,20 @@ def _family_bars(ax, cats: Sequence[str]) -> None:
 
 def _residual_distribution(ax, best: Tensor, chosen: Tensor, threshold, n_zero: int) -> None:
     """Histogram of ``best`` ``(M,)``, ``chosen`` ``(A,)`` over it, and the cumulative count."""
-    top = max(1.0, float(best.max()) if len(best) else 1.0)
+    if not len(best):
+        ax.text(
+            0.5,
+            0.5,
+            f"all {n_zero} kernels are zero: nothing to fit",
+            ha="center",
+            va="center",
+            fontsize=9,
+            color=_MUTED,
+            transform=ax.transAxes,
+        )
+        ax.set_axis_off()
+        return
+    top = max(1.0, float(best.max()))
     bins = np.linspace(0, top, 41)
     ax.hist(best.numpy(), bins=bins, color="#c8c8c8", label="best family's residual, all kernels")
     if len(chosen):
