@@ -31,7 +31,7 @@ h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
 p.meta { color: #555; font-size: 0.9rem; margin-top: 0; }
 table { border-collapse: collapse; font-size: 0.88rem; margin: 0.6rem 0 1rem; }
 caption { text-align: left; color: #555; font-size: 0.85rem; padding-bottom: 0.3rem; }
-th, td { padding: 0.25rem 0.7rem; border-bottom: 1px solid #e4e4e4; text-align: left;
+th, td { padding: 0.25rem 0.5rem; border-bottom: 1px solid #e4e4e4; text-align: left;
          vertical-align: top; }
 th { background: #f4f4f4; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
