@@ -223,17 +223,17 @@ def kernel_mosaic(
     Returns:
         A figure of units in a grid. ``Ci == 3``: one unit per output channel: the original and
         the fitted kernel as RGB composites (input channels 0, 1, 2 as R, G, B; both stretched
-        by the original's min..max of that channel, so a colour means the same weight in both),
-        then the difference ``original - fitted`` of each of the three kernels in
-        :data:`DIFF_CMAP` (white 0, full colour at +-max|original| of the output channel),
-        framed in its family's colour and labelled with family and residual. Otherwise one unit
-        per kernel: original and fitted in grayscale symmetric about 0 (mid-grey 0, white/black
-        +-max|original| of the kernel) and the difference in :data:`DIFF_CMAP` on the same
-        scale, the unit framed in its family's colour and labelled ``out:in family residual``
-        (``out family residual`` when ``Ci == 1``). All-zero original kernels are the category
-        ``zero``. A legend explains frame colours (with counts over the whole layer) and colour
-        scales. Tile images carry the gid ``original:q``/``fitted:q``/``diff:q:p`` (RGB) or
-        ``original:q:p``/``fitted:q:p``/``diff:q:p``.
+        from the original's min to max over that channel, so a colour means the same weight in
+        both), then the difference ``original - fitted`` of each of the three kernels, framed
+        in its family's colour and labelled with family and residual. Otherwise one unit per
+        kernel: original and fitted in grayscale from the original kernel's min (black) to max
+        (white), then the difference; the unit framed in its family's colour and labelled
+        ``out:in family residual`` (``out family residual`` when ``Ci == 1``). Differences are
+        in :data:`DIFF_CMAP`, white at 0 and full colour at +-half the original's min..max
+        range (the same contrast as the kernel tiles). All-zero original kernels are the
+        category ``zero``. A legend explains the frame colours (with counts over the whole
+        layer) and the colour scales. Tile images carry the gid ``original:q``/``fitted:q``
+        (RGB) or ``original:q:p``/``fitted:q:p``, and ``diff:q:p``.
     """
     _check_weights(original, fitted)
     co, ci, h, w = original.shape
@@ -279,15 +279,15 @@ def kernel_mosaic(
     detail += f"; showing {shown} of {total} {what}" if shown < total else f"; all {what}"
     if channels is not None or shown < total:
         detail += f" (output channels {_channel_list([q for q, _ in units])})"
-    detail += (
-        ".\nOriginal and fitted: input channels 0, 1, 2 as R, G, B, each output channel "
-        "stretched from its original's min (black) to max (white).\n"
-        "Above each difference tile: its kernel's family and residual |W - fit| / |W|."
-        if rgb
-        else ".\nAbove each kernel: output:input channel, family, residual |W - fit| / |W|."
-        if ci > 1
-        else ".\nAbove each kernel: output channel, family, residual |W - fit| / |W|."
-    )
+    if rgb:
+        detail += (
+            ".\nOriginal and fitted: input channels 0, 1, 2 as R, G, B, each output channel "
+            "stretched from its original's min (black) to max (white).\n"
+            "Above each difference tile: its kernel's family and residual |W - fit| / |W|."
+        )
+    else:
+        where = "output:input channel" if ci > 1 else "output channel"
+        detail += f".\nAbove each kernel: {where}, family, residual |W - fit| / |W|."
     if title:
         fig.text(
             _MARGIN / fig_w,
