@@ -174,6 +174,7 @@ _HEADER_H = 0.14  # "original / fitted / diff" above the first row
 _LEGEND_H = 1.15
 _MARGIN = 0.2
 _MAX_WIDTH = 12.5  # of the grid
+_PAD = 0.07  # room round the grid for the outer frames' line width
 
 
 def _tile_inches(h: int, w: int) -> float:
@@ -276,9 +277,13 @@ def kernel_mosaic(
     detail = f"{co * ci} kernel{'s' * (co * ci > 1)} {h}x{w} ({co} out x {ci} in)"
     if threshold is not None:
         detail += f", converted where residual <= {threshold:g}"
-    detail += f"; showing {shown} of {total} {what}" if shown < total else f"; all {what}"
-    if channels is not None or shown < total:
-        detail += f" (output channels {_channel_list([q for q, _ in units])})"
+    picked = _channel_list([q for q, _ in units])
+    if shown < total:
+        detail += f"; showing {shown} of {total} {what} ({picked})"
+    elif channels is not None:
+        detail += f"; showing {picked}"
+    else:
+        detail += f"; all {what}"
     if rgb:
         detail += (
             ".\nOriginal and fitted: input channels 0, 1, 2 as R, G, B, each output channel "
@@ -313,15 +318,15 @@ def kernel_mosaic(
     bottom = _MARGIN + _LEGEND_H
     ax = fig.add_axes(
         (
-            (left - 0.03) / fig_w,
-            (bottom - 0.03) / fig_h,
-            (grid_w + 0.06) / fig_w,
-            (grid_h + 0.06) / fig_h,
+            (left - _PAD) / fig_w,
+            (bottom - _PAD) / fig_h,
+            (grid_w + 2 * _PAD) / fig_w,
+            (grid_h + 2 * _PAD) / fig_h,
         )
     )
     # A little room around the grid, so the outer frames are not clipped at the axes' edge.
-    ax.set_xlim(-0.03, grid_w + 0.03)
-    ax.set_ylim(grid_h + 0.03, -0.03)
+    ax.set_xlim(-_PAD, grid_w + _PAD)
+    ax.set_ylim(grid_h + _PAD, -_PAD)
     ax.set_aspect("equal")
     ax.axis("off")
 
@@ -353,12 +358,15 @@ def kernel_mosaic(
 
 
 def _channel_list(qs: Sequence[int]) -> str:
-    """``0-63`` for a run, else the first few: ``3, 7, 9, ... (12)``."""
+    """``output channels 0-63`` for a run, else the first few: ``output channels 3, 7, 9, ...
+    (12)``; ``output channel 5`` for one."""
     qs = list(dict.fromkeys(qs))
+    if len(qs) == 1:
+        return f"output channel {qs[0]}"
     if qs == list(range(qs[0], qs[0] + len(qs))):
-        return f"{qs[0]}-{qs[-1]}" if len(qs) > 1 else str(qs[0])
+        return f"output channels {qs[0]}-{qs[-1]}"
     head = ", ".join(map(str, qs[:6]))
-    return head + (f", ... ({len(qs)})" if len(qs) > 6 else "")
+    return f"output channels {head}" + (f", ... ({len(qs)})" if len(qs) > 6 else "")
 
 
 def _label(cat: str, residual: float) -> str:
@@ -460,11 +468,22 @@ def _draw_gray_unit(ax, orig, fit, q, p, ci, cats, res, xs, y0, tw, th) -> None:
         vmin=-half,
         vmax=half,
     )
-    _frame(ax, xs[0], y0, xs[2] + tw - xs[0], th, _rgb(cats[k]), _frame_width(cats[k]))
+    # A hairline round each tile keeps orig | fit | diff apart where a kernel is mostly white.
+    for x in xs:
+        _frame(ax, x, y0, tw, th, "#d0d0d0", lw=0.5)
+    _frame(
+        ax,
+        xs[0] - 0.02,
+        y0 - 0.02,
+        xs[2] + tw - xs[0] + 0.04,
+        th + 0.04,
+        _rgb(cats[k]),
+        _frame_width(cats[k]),
+    )
     where = f"{q}:{p}" if ci > 1 else f"{q}"
     ax.text(
         xs[0],
-        y0 - 0.015,
+        y0 - 0.045,  # clear of the outer frame
         f"{where}  {_label(cats[k], float(res[k]))}",
         fontsize=6,
         va="bottom",

@@ -108,11 +108,13 @@ def test_mosaic_channels_and_cap():
     original, fitted, codes, residuals = _layer(10, 3, 3, 3)
     fig = kernel_mosaic(original, fitted, codes, residuals, channels=[7, 2])
     assert set(_images(fig, "original")) == {"original:7", "original:2"}
-    assert "output channels 7, 2" in _all_text(fig)
+    assert "showing output channels 7, 2" in _all_text(fig)
+    fig = kernel_mosaic(original, fitted, codes, residuals, channels=[5])
+    assert "showing output channel 5." in _all_text(fig)
 
     fig = kernel_mosaic(original, fitted, codes, residuals, max_tiles=4)
     assert set(_images(fig, "original")) == {f"original:{q}" for q in range(4)}
-    assert "showing 4 of 10 output channels" in _all_text(fig)
+    assert "showing 4 of 10 output channels (output channels 0-3)" in _all_text(fig)
 
     fig = kernel_mosaic(original, fitted, codes, residuals)
     assert "showing" not in _all_text(fig)
