@@ -268,7 +268,7 @@ def convert(
     """Convert selected convolutions of CHECKPOINT into ACLs; write an AnaNN and a report."""
     from acl_convert.io.outputs import OutputPlan, default_output, sibling
     from acl_convert.pipeline import prepare_checkpoint
-    from acl_convert.report.mosaic import mosaic_path
+    from acl_convert.report.figures import picture_path
 
     given = dict(
         families=families,
@@ -301,7 +301,7 @@ def convert(
     )
     mosaic_paths = {
         lay.name: plan.add(
-            mosaic_path(mosaic, lay.name, len(job.layers)), f"the picture of {lay.name}"
+            picture_path(mosaic, lay.name, len(job.layers)), f"the picture of {lay.name}"
         )
         for lay in (job.layers if mosaic is not None else [])
     }
@@ -345,7 +345,7 @@ def _write_conversion(result, doc, output: Path, report_path: Path, mosaic_paths
     interrupt leaves nothing half-written."""
     from acl_convert.io.anann import save_anann
     from acl_convert.io.outputs import atomic_path
-    from acl_convert.report.mosaic import render_mosaic
+    from acl_convert.report.pictures import layer_mosaic, to_png
 
     with ExitStack() as stack:
         tmp_out = stack.enter_context(atomic_path(output))
@@ -355,13 +355,8 @@ def _write_conversion(result, doc, output: Path, report_path: Path, mosaic_paths
         for res in result.layers:
             if res.layer.name not in mosaic_paths:
                 continue
-            original = result.source.state_dict[res.layer.weight_key].float()
-            fitted = res.acl.synthesize().detach()
-            # The run-length pattern of a real mosaic is too long for a title.
-            title = f"{res.layer.name}   compact factor {res.compact_factor:.3f}"
-            img = render_mosaic(original, fitted, res.acl.codes, title=title)
-            tmp_png = stack.enter_context(atomic_path(mosaic_paths[res.layer.name]))
-            img.save(tmp_png, format="PNG")
+            png = to_png(layer_mosaic(res, result.source.state_dict))
+            stack.enter_context(atomic_path(mosaic_paths[res.layer.name])).write_bytes(png)
 
 
 def _split(text: str) -> list[str]:

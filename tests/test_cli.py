@@ -257,7 +257,7 @@ def test_failure_while_writing_leaves_no_partial_files(invoke, tiny, work, files
     def broken(*args, **kwargs):
         raise UserError("disk full while drawing; free some space")
 
-    monkeypatch.setattr("acl_convert.report.mosaic.render_mosaic", broken)
+    monkeypatch.setattr("acl_convert.report.pictures.kernel_mosaic", broken)
     before = files_in(work)
     result = invoke(tiny, "--layers", "conv1", "-q", "--mosaic", "m.png")
     # The summary table comes before the files are written (a long write phase shows it).

@@ -15,8 +15,15 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
-from acl_convert import figures
-from acl_convert.figures import akp_figure, kernel_mosaic, layer_summary, save_png, to_png
+from acl_convert.report import figures
+from acl_convert.report.figures import (
+    akp_figure,
+    kernel_mosaic,
+    layer_summary,
+    picture_path,
+    save_png,
+    to_png,
+)
 
 # (Co, Ci, h, w): RGB 7x7 and 3x3, depthwise, non-square, even, many input channels, one kernel.
 SHAPES = [(4, 3, 7, 7), (5, 3, 3, 3), (6, 1, 3, 3), (2, 1, 3, 5), (3, 4, 4, 4), (2, 16, 3, 3),
@@ -289,3 +296,16 @@ def test_save_png_atomic(tmp_path):
     save_png(kernel_mosaic(original, fitted, codes, residuals), path)
     assert Image.open(io.BytesIO(path.read_bytes())).format == "PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_picture_path(tmp_path):
+    base = tmp_path / "out.png"
+    assert picture_path(base, "features.0", 1) == base
+    assert picture_path(base, "features.0", 3) == tmp_path / "out.features.0.png"
+    assert picture_path(tmp_path / "out", "conv1", 2) == tmp_path / "out.conv1.png"
+    assert picture_path(tmp_path, "features.3", 2) == tmp_path / "features.3.png"
+    assert picture_path(tmp_path, "features.3", 1) == tmp_path / "features.3.png"
+    assert picture_path(base, "a/b:c d", 2) == tmp_path / "out.a_b_c_d.png"
+    assert picture_path(tmp_path, "..", 2) == tmp_path / "layer.png"  # never a hidden/odd name
+    made = picture_path(f"{tmp_path}/new/", "conv1", 2)  # a trailing slash makes a folder
+    assert made == tmp_path / "new" / "conv1.png" and made.parent.is_dir()

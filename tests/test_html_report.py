@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from acl_convert.html_report import figure, page, render_html, section, table
+from acl_convert.report.html import figure, page, render_html, section, table
 
 NASTY = '<b>conv&"1"</b>[0]'
 

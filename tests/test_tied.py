@@ -22,7 +22,7 @@ from acl_convert.io.anann import bake_state_dict, read_anann, save_anann
 from acl_convert.io.header import AnaNNHeader, LayerRecord
 from acl_convert.nn.acl import ACL, channel_rows
 from acl_convert.report.akp_table import akp_table, to_csv
-from acl_convert.report.mosaic import render_mosaic
+from acl_convert.report.figures import kernel_mosaic
 from acl_convert.train.finetune import FinetuneConfig, _akp_damping, finetune
 
 FAMILIES = ("G", "Lg", "Tf", "Ts", "Lt", "M")
@@ -524,8 +524,9 @@ def test_export_gives_each_tied_kernel_its_rows_akps(tmp_path):
 
 def test_mosaic_draws_a_tied_layer():
     layer = tied_rgb_layer()
-    img = render_mosaic(layer.synthesize().detach(), layer.synthesize().detach(), layer.codes)
-    assert img.size[0] > 0 and img.size[1] > 0
+    w = layer.synthesize().detach()
+    fig = kernel_mosaic(w, w, layer.codes, torch.zeros(len(layer.codes)))
+    assert fig.get_size_inches().min() > 0
 
 
 def test_corrupt_row_buffer_is_a_user_error(tmp_path):

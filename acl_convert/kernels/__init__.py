@@ -17,7 +17,7 @@ registered too but beyond the paper: they are fitted only when named (``--famili
 from . import gabor, log, lot, mean, plain, tgd  # noqa: F401  # isort: skip
 from . import gabor_ext, gaussderiv  # noqa: F401  # isort: skip
 from .family import KernelFamily, Param, grid
-from .registry import codes, families, get, register
+from .registry import codes, colour, families, get, register
 
 #: The analytic families of the paper, in the order the fitter tries them by default.
 PAPER_FAMILIES = ("G", "Lg", "Tf", "Ts", "Lt", "M")
@@ -32,6 +32,7 @@ __all__ = [
     "register",
     "families",
     "codes",
+    "colour",
     "PAPER_FAMILIES",
     "EXTENDED_FAMILIES",
 ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
+
 from .family import KernelFamily
 
-__all__ = ["register", "get", "families", "codes"]
+__all__ = ["register", "get", "families", "codes", "colour"]
 
 _BY_CODE: dict[str, KernelFamily] = {}
 _BY_NAME: dict[str, KernelFamily] = {}
@@ -44,3 +46,25 @@ def families() -> list[KernelFamily]:
 def codes() -> list[str]:
     """All registered codes, in registration order."""
     return list(_BY_CODE)
+
+
+# A code the registry does not know (a file from a newer version) gets one of these, chosen by a
+# stable hash of the code (not ``hash()``, which changes between runs), so the same code has the
+# same colour in every picture.
+_SPARE_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 150, 160),  # teal
+    (140, 85, 40),  # brown
+    (150, 150, 0),  # olive
+    (110, 20, 50),  # maroon
+    (100, 190, 240),  # sky blue
+    (0, 0, 0),  # black
+)
+
+
+def colour(code: str) -> tuple[int, int, int]:
+    """The RGB colour of family ``code`` in pictures (:attr:`KernelFamily.colour`); a code the
+    registry does not know gets a fixed spare colour, so it never stops a picture."""
+    fam = _BY_CODE.get(code)
+    if fam is not None:
+        return fam.colour
+    return _SPARE_COLOURS[zlib.crc32(str(code).encode()) % len(_SPARE_COLOURS)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,12 +36,12 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullFormatter
 from torch import Tensor
 
-from . import kernels
-from .files import write_atomic
-from .mosaic import family_colour
+from .. import kernels
+from ..io.outputs import write_atomic
 
 __all__ = [
     "ZERO",
+    "picture_path",
     "DIFF_CMAP",
     "zero_kernels",
     "kernel_mosaic",
@@ -71,7 +72,7 @@ def zero_kernels(weight: Tensor) -> Tensor:
 
 
 def _rgb(code: str) -> tuple[float, float, float]:
-    r, g, b = _ZERO_COLOUR if code == ZERO else family_colour(code)
+    r, g, b = _ZERO_COLOUR if code == ZERO else kernels.colour(code)
     return r / 255, g / 255, b / 255
 
 
@@ -963,3 +964,30 @@ def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     next to ``path`` renamed onto it). Returns the path."""
     data = to_png(fig)
     return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _safe_name(layer_name: str) -> str:
+    # Dots stay (``features.0`` is how PyTorch names layers); anything a file system or a shell
+    # might mind becomes ``_``; a leading dot would hide the file.
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", layer_name).strip("._")
+    return name[:150] or "layer"
+
+
+def picture_path(base: str | os.PathLike, layer_name: str, n_layers: int) -> Path:
+    """Where the picture of ``layer_name`` goes, given ``base`` (``--mosaic base``).
+
+    ``base`` an existing folder, or a name ending in ``/`` (the folder is then made):
+    ``<folder>/<layer>.png``. Otherwise one layer: ``base`` as
+    given; several layers: the layer name before the suffix, ``out.png`` ->
+    ``out.features.0.png`` (``.png`` added if ``base`` has no suffix). Layer names are made safe
+    for file systems (characters other than letters, digits, ``. _ -`` become ``_``).
+    """
+    as_folder = str(base).endswith(("/", os.sep))
+    base = Path(base)
+    if as_folder:
+        base.mkdir(parents=True, exist_ok=True)
+    if base.is_dir():
+        return base / f"{_safe_name(layer_name)}.png"
+    if n_layers == 1:
+        return base
+    return base.with_name(f"{base.stem}.{_safe_name(layer_name)}{base.suffix or '.png'}")
