@@ -57,6 +57,9 @@ class ACL(nn.Module):
     hand.
     """
 
+    # Python-only conveniences; a scripted layer reads its frozen weight (__prepare_scriptable__).
+    __jit_unused_properties__ = ["weight", "num_kernels", "codes", "pattern"]
+
     def __init__(
         self,
         in_channels: int,
@@ -157,6 +160,7 @@ class ACL(nn.Module):
             self.register_parameter("plain", None)
         self.bias = nn.Parameter(init.bias.detach().clone()) if bias else None
         self.register_buffer("_cached_weight", None, persistent=False)
+        self.register_buffer("_script_weight", torch.empty(0, **factory), persistent=False)
         self._cache_key: tuple = ()
         # Follows .to()/.double() like any buffer, so even a layer without float parameters
         # (all Mean, no gain, no bias) knows its dtype and device.
@@ -524,6 +528,10 @@ class ACL(nn.Module):
         if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             # Gradients must reach the AKPs, also when fine-tuning in eval mode (frozen BN).
             return self.synthesize()
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # A tracer records what runs: the synthesis, every time (a cache hit on the second
+            # of torch.jit.trace's two runs would record another graph).
+            return self.synthesize()
         # In-place updates (optimiser steps, load_state_dict, set_values) bump a tensor's
         # version, so a cache made from older values is never used.
         key = tuple((id(p), p._version) for p in params)
@@ -535,13 +543,25 @@ class ACL(nn.Module):
             self._cache_key = key
         return self._cached_weight
 
+    def __prepare_scriptable__(self) -> ACL:
+        """Before ``torch.jit.script``: the synthesised weight, frozen in a buffer that the
+        scripted ``forward`` uses. TorchScript cannot compile the synthesis (a per-family loop
+        over a ``ParameterDict``), and a scripted model is for deployment, where the weight is
+        fixed: fine-tune before scripting. The layer itself is not replaced."""
+        with torch.no_grad():
+            self._script_weight = self.synthesize().detach().clone()
+        return self
+
     def train(self, mode: bool = True) -> ACL:
         # Parameters may change while training, so the cache lives only in eval mode.
         self._cached_weight = None
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
+        if torch.jit.is_scripting():
+            weight = self._script_weight  # see __prepare_scriptable__
+        else:
+            weight = self.weight
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
