@@ -443,27 +443,38 @@ def bake(
 @_user_errors
 def export(
     anann: Path = typer.Argument(..., help="AnaNN checkpoint (.anann.safetensors)."),
-    fmt: str = typer.Option("json", "--format", help="json or csv."),
+    fmt: str = typer.Option(
+        "csv", "--format", help="csv, jsonl (JSON Lines) or json (with schema and units)."
+    ),
+    plain: bool = typer.Option(
+        False, "--plain", help="Also list the plain kernels, with their weights."
+    ),
     output: Path = typer.Option(None, "--output", "-o", help="File to write \\[default: stdout]."),
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Export the AKP table of an AnaNN (no refitting) as JSON or CSV."""
-    from acl_convert.io.outputs import check_writable, write_atomic
-    from acl_convert.report.akp_table import akp_table, to_csv
+    """Export the per-kernel AKP table of an AnaNN (no refitting), one flat row per kernel."""
+    from acl_convert.io.anann import read_anann
+    from acl_convert.io.outputs import OutputPlan, write_atomic
+    from acl_convert.report import kernel_table
 
-    if fmt not in ("json", "csv"):
-        raise UsageError(f"--format must be json or csv, got {fmt!r}")
+    if fmt not in kernel_table.FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(kernel_table.FORMATS)}, got {fmt!r}")
     if output is not None:
-        check_writable(output, force=force)
-    table = akp_table(anann)
-    text = json.dumps(table, indent=1) if fmt == "json" else to_csv(table)
+        OutputPlan(force=force, inputs=[anann]).add(output, "the table")
+    ana = read_anann(anann)
     if output is None:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    else:
-        write_atomic(output, lambda tmp: tmp.write_text(text))
-        _note(quiet, f"wrote {output}")
+        kernel_table.write(ana, sys.stdout, fmt, plain=plain)
+        return
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            rows[0] = kernel_table.write(ana, f, fmt, plain=plain)
+
+    rows = [0]
+    write_atomic(output, write)
+    _note(quiet, f"wrote {output} ({rows[0]:,} kernels)")
 
 
 @app.command()

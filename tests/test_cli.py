@@ -662,7 +662,7 @@ def test_bake_existing_output_and_bad_export_format(invoke, tiny, work, files_in
     result = invoke("bake", "tiny.anann.safetensors", "-o", "baked.pth")
     assert_quiet_error(result, 2, "baked.pth", "already exists", "--force")
     result = invoke("export", "tiny.anann.safetensors", "--format", "xml")
-    assert_quiet_error(result, 2, "--format must be json or csv", "xml")
+    assert_quiet_error(result, 2, "--format must be one of json, jsonl, csv", "xml")
     result = invoke("export", "tiny.anann.safetensors", "-o", "baked.pth")
     assert_quiet_error(result, 2, "already exists", "--force")
     assert files_in(work) == before

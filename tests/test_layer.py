@@ -902,8 +902,9 @@ def test_compact_factor_excludes_bias():
 def test_extra_repr():
     layer = ACL.from_pattern(3, 64, 7, PAPER_PATTERN, stride=2, padding=3, generator=gen(0))
     text = repr(layer)
-    assert PAPER_PATTERN in text
-    assert "(3x64)" in text
+    # Family totals, not the run-length pattern (kilobytes for a converted layer; .pattern).
+    assert "families=G30 Lg15 Tf36 Lt15 P96" in text and "(3x64)" not in text
+    assert layer.pattern == "(3x64)" + PAPER_PATTERN
     assert "0.4726" in text
     assert "stride=(2, 2)" in text and "padding=(3, 3)" in text
     assert "kernel_size=(7, 7)" in text

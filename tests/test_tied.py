@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 
 import pytest
@@ -21,7 +22,7 @@ from acl_convert import kernels, load_anann, pattern
 from acl_convert.io.anann import bake_state_dict, read_anann, save_anann
 from acl_convert.io.header import AnaNNHeader, LayerRecord
 from acl_convert.nn.acl import ACL, channel_rows
-from acl_convert.report.akp_table import akp_table, to_csv
+from acl_convert.report import kernel_table
 from acl_convert.report.figures import kernel_mosaic
 from acl_convert.train.finetune import FinetuneConfig, _akp_damping, finetune
 
@@ -507,17 +508,21 @@ def test_export_gives_each_tied_kernel_its_rows_akps(tmp_path):
     net, layer = small_net(), tied_rgb_layer()
     path = tmp_path / "tied.anann.safetensors"
     write_anann(path, net, "0", layer)
-    table = akp_table(path)
-    rows = table["layers"][0]["kernels"]
+    out = io.StringIO()
+    kernel_table.write(read_anann(path), out, "jsonl", plain=True)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
     canonical = tied_rgb_layer().canonicalize_()
+    akp = [c for c in rows[0] if c.startswith("G.")]
     for k in range(3):  # channel 0: the tied Gabor row
         assert rows[k]["family"] == "G" and rows[k]["tied"]
-        assert rows[k]["akps"] == rows[0]["akps"]
+        assert [rows[k][c] for c in akp] == [rows[0][c] for c in akp]
         assert rows[k]["gain"] == pytest.approx(float(canonical.gain["G"][k].detach()))
     assert [r["tied"] for r in rows[3:6]] == [True] * 3 and rows[3]["family"] == "Tf"
     assert not any(r["tied"] for r in rows[6:])
-    assert rows[6]["akps"] != rows[7]["akps"]
-    lines = list(csv.DictReader(io.StringIO(to_csv(table))))
+    assert [rows[6].get(c) for c in akp] != [rows[7].get(c) for c in akp]
+    out = io.StringIO()
+    kernel_table.write(read_anann(path), out, "csv", plain=True)
+    lines = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [line["tied"] for line in lines] == ["1"] * 6 + ["0"] * 6
     assert lines[1]["G.lambda"] == lines[0]["G.lambda"] != ""
 

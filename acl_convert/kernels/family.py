@@ -296,6 +296,8 @@ def fold_pi(theta: Tensor) -> tuple[Tensor, Tensor]:
     """Fold angles into ``[0, pi)``: returns the folded angle and whether an odd number of
     half-turns was removed (the caller decides what a half-turn does to the kernel)."""
     k = torch.floor(theta / math.pi)
+    # An angle already in range is returned bit for bit (theta - 0 * pi can round otherwise).
+    k = torch.where((theta >= 0) & (theta < math.pi), torch.zeros_like(k), k)
     folded = theta - k * math.pi
     # Rounding can land exactly on pi (e.g. theta = -1e-20): that is 0 with one half-turn less.
     over = folded >= math.pi
@@ -305,6 +307,7 @@ def fold_pi(theta: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def wrap_pi(a: Tensor) -> Tensor:
-    """Wrap angles into ``(-pi, pi]``."""
+    """Wrap angles into ``(-pi, pi]``; an angle already there is returned bit for bit."""
     r = torch.remainder(a + math.pi, 2 * math.pi) - math.pi  # in [-pi, pi)
-    return torch.where(r <= -math.pi, r + 2 * math.pi, r)
+    r = torch.where(r <= -math.pi, r + 2 * math.pi, r)
+    return torch.where((a > -math.pi) & (a <= math.pi), a, r)

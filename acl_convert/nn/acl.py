@@ -603,7 +603,7 @@ class ACL(nn.Module):
             gain = self.gain[code] if code in self.gain else None
             if gain is None:
                 akp, _ = fam.canonicalize(self.akps(code), None)
-                self.akp[code].copy_(fam.to_unconstrained(akp))
+                self._set_folded(code, akp)
                 continue
             rows = self.akp_rows(code)
             rep = _representatives(gain.abs(), rows, self.num_rows(code))
@@ -612,10 +612,20 @@ class ACL(nn.Module):
             # gains stay zero whatever the fold did.
             old_rep = gain[rep]
             factor = torch.where(old_rep != 0, new_rep / old_rep, torch.ones_like(old_rep))
-            self.akp[code].copy_(fam.to_unconstrained(akp))
+            self._set_folded(code, akp)
             gain.mul_(factor[rows])
         self._cached_weight = None
         return self
+
+    def _set_folded(self, code: str, akp: Tensor) -> None:
+        """Store folded AKPs. A fold only moves angles (and real values): positive AKPs keep their
+        stored logarithm bit for bit, since ``log(exp(u))`` in float32 is not always ``u``, and
+        a kernel near its flat limit (a large gain) magnifies such an ulp."""
+        new = self.akp[code].clone()
+        for k, p in enumerate(kernels.get(code).params):
+            if p.kind != "positive":
+                new[..., k] = akp[..., k]
+        self.akp[code].copy_(new)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
@@ -643,7 +653,9 @@ class ACL(nn.Module):
         }
         if shared:
             s += ", tied=" + "".join(f"{c}{n}" for c, n in shared.items())
-        return s + f", pattern={self.pattern}, compact_factor={self.compact_factor():.4f}"
+        # Family totals: the run-length pattern of a big layer runs to kilobytes (``.pattern``).
+        totals = " ".join(f"{c}{n}" for c, n in self.family_totals().items())
+        return s + f", families={totals}, compact_factor={self.compact_factor():.4f}"
 
     def _device(self) -> torch.device:
         return self._anchor.device

@@ -5,17 +5,27 @@ Schema: ``docs/report-format.md`` (and :data:`SCHEMA`, which the tests validate 
 
 from __future__ import annotations
 
+import base64
+import zlib
 from typing import Any
 
+import numpy as np
 import torch
 
-from .. import kernels
 from ..conversion import Conversion, LayerResult
 
-__all__ = ["build_report", "kernel_rows", "layer_summary", "SCHEMA", "REPORT_FORMAT"]
+__all__ = [
+    "build_report",
+    "kernel_columns",
+    "decode_columns",
+    "layer_summary",
+    "SCHEMA",
+    "REPORT_FORMAT",
+]
 
 REPORT_FORMAT = "acl-convert/report"
-REPORT_VERSION = 1
+#: Version 2: compact per-kernel columns instead of one JSON object per kernel.
+REPORT_VERSION = 2
 
 
 def _quantiles(values: torch.Tensor) -> dict[str, float | None]:
@@ -29,52 +39,57 @@ def _quantiles(values: torch.Tensor) -> dict[str, float | None]:
     }
 
 
-def kernel_rows(res: LayerResult) -> list[dict[str, Any]]:
-    """One row per kernel: indices, chosen family, named AKPs, gain, offset, whether it shares
-    its AKPs with other kernels (channel-tied), residuals. The chosen family's values are read
-    from the layer, so a tied kernel shows its row's AKPs and its own gain and offset. A fit of
-    channel-tied stacks (``fit.channels``) has one row per output channel: each kernel shows
-    its channel's residuals. ``residual``/``residuals`` are plain (relative L2 of the kernel);
-    with calibration ``output_residual``/``output_residuals`` are activation-weighted (the
-    relative output error of the per-kernel fit, before any joint re-solve)."""
-    _, cig, _, _ = res.layer.shape
+def kernel_columns(res: LayerResult) -> dict[str, Any]:
+    """The layer's per-kernel section, in kernel order (``k = out * Ci/groups + in``): a few
+    columns, each a little-endian typed array, zlib-compressed and base64-encoded, so that a
+    ResNet-50's 1.26 M kernels take a few MB (:func:`decode_columns` reads them back).
+
+    ``family``, ``best_family`` (uint8: indices into ``families``, the chosen family and the one
+    with the lowest residual), ``residual`` (float16: the chosen family's plain relative residual,
+    0 for plain kernels), ``best_residual`` (float16) and, with calibration, ``output_residual``
+    (float16, activation-weighted). A channel-tied fit's residuals are its output channel's.
+    The AKPs, gains and offsets are in the AnaNN: ``acl-convert export`` lists them per kernel
+    with the same field names."""
     fit, acl = res.fit, res.acl
-    residuals = fit.residuals.tolist()
-    weighted = None if fit.weighted is None else fit.weighted.tolist()
-    plain_res, out_res = _chosen(res)
-    per_row = cig if fit.channels is not None else 1
-    chosen: dict[int, dict[str, Any]] = {}
-    for code in acl.codes_present():
-        index = acl.index(code).tolist()
-        if code == "P":
-            for k in index:
-                chosen[k] = dict(
-                    akps={}, gain=None, offset=None, tied=False, residual=0.0, output_residual=None
-                )
-            continue
-        names = kernels.get(code).param_names
-        akps = acl.kernel_akps(code).tolist()
-        gains = acl.gain[code].tolist() if code in acl.gain else [None] * len(index)
-        offs = acl.offset[code].tolist() if code in acl.offset else [None] * len(index)
-        tied = acl.tied_kernels(code).tolist()
-        for j, k in enumerate(index):
-            chosen[k] = dict(
-                akps=dict(zip(names, akps[j], strict=True)),
-                gain=gains[j],
-                offset=offs[j],
-                tied=tied[j],
-                residual=float(plain_res[k // per_row]),
-                output_residual=None if out_res is None else float(out_res[k // per_row]),
-            )
-    rows = []
-    for k, code in enumerate(acl.codes):
-        row: dict[str, Any] = {"index": k, "out": k // cig, "in": k % cig, "family": code}
-        row.update(chosen[k])
-        row["residuals"] = dict(zip(fit.families, residuals[k // per_row], strict=True))
-        if weighted is not None:
-            row["output_residuals"] = dict(zip(fit.families, weighted[k // per_row], strict=True))
-        rows.append(row)
-    return rows
+    families = [*fit.families, "P"]
+    per = acl.num_kernels // len(fit)
+    chosen_plain, chosen_out = _chosen(res)
+    if fit.residuals.shape[1]:
+        best, best_col = fit.residuals.min(1)
+    else:
+        best, best_col = torch.zeros(len(fit)), torch.full((len(fit),), len(families) - 1)
+    columns = {
+        "family": _encode(torch.tensor([families.index(c) for c in acl.codes], dtype=torch.uint8)),
+        "best_family": _encode(best_col.repeat_interleave(per).to(torch.uint8)),
+        "residual": _encode(chosen_plain.repeat_interleave(per).half()),
+        "best_residual": _encode(best.repeat_interleave(per).half()),
+    }
+    if chosen_out is not None:
+        columns["output_residual"] = _encode(chosen_out.repeat_interleave(per).half())
+    return {"families": families, "encoding": ENCODING, "columns": columns}
+
+
+#: How per-kernel columns are stored: see :func:`kernel_columns`.
+ENCODING = "zlib+base64, little-endian"
+
+
+def _encode(values: torch.Tensor) -> dict[str, str]:
+    array = values.contiguous().numpy()
+    raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
+    return {"dtype": str(array.dtype), "data": base64.b64encode(zlib.compress(raw, 6)).decode()}
+
+
+def decode_columns(section: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The per-kernel columns of a report layer's ``per_kernel`` section as numpy arrays
+    (``family`` and ``best_family`` as arrays of family codes)."""
+    out = {}
+    for name, col in section["columns"].items():
+        raw = zlib.decompress(base64.b64decode(col["data"]))
+        values = np.frombuffer(raw, dtype=np.dtype(col["dtype"]).newbyteorder("<"))
+        if name in ("family", "best_family"):
+            values = np.asarray(section["families"], dtype=object)[values]
+        out[name] = values
+    return out
 
 
 def _chosen(res: LayerResult) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,6 +108,14 @@ def _chosen(res: LayerResult) -> tuple[torch.Tensor, torch.Tensor | None]:
     return pick(res.fit.residuals), None if weighted is None else pick(weighted)
 
 
+#: Longest run-length pattern the report spells out.
+PATTERN_LIMIT = 256
+
+
+def _short(pattern: str) -> str | None:
+    return pattern if len(pattern) <= PATTERN_LIMIT else None
+
+
 def layer_summary(res: LayerResult) -> dict[str, Any]:
     sel = res.selection
     converted = sel.choice >= 0
@@ -107,7 +130,9 @@ def layer_summary(res: LayerResult) -> dict[str, Any]:
         "kernels": res.acl.num_kernels,
         "converted": sum(c != "P" for c in res.acl.codes),
         "family_counts": res.acl.family_totals(),
-        "pattern": res.acl.pattern,
+        # The run-length pattern of a big layer is as long as a list of its kernels' families
+        # (which ``per_kernel`` holds): it is given only when short.
+        "pattern": _short(res.acl.pattern),
         "compact_factor": res.compact_factor,
         "params_before": res.params_before,
         "params_after": res.params_after,
@@ -133,7 +158,7 @@ def build_report(conv: Conversion, *, per_kernel: bool = True) -> dict[str, Any]
     for res in conv.layers:
         entry = layer_summary(res)
         if per_kernel:
-            entry["kernels_detail"] = kernel_rows(res)
+            entry["per_kernel"] = kernel_columns(res)
         layers.append(entry)
     before = sum(x["params_before"] for x in layers)
     after = sum(x["params_after"] for x in layers)
@@ -223,7 +248,7 @@ SCHEMA: dict[str, Any] = {
                         "type": "object",
                         "additionalProperties": {"type": "integer"},
                     },
-                    "pattern": {"type": "string"},
+                    "pattern": {"type": ["string", "null"]},
                     "compact_factor": {"type": "number", "maximum": 1},
                     "params_before": {"type": "integer"},
                     "params_after": {"type": "integer"},
@@ -243,42 +268,27 @@ SCHEMA: dict[str, Any] = {
                         ]
                     },
                     "best_residual": _QUANT,
-                    "kernels_detail": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": [
-                                "index",
-                                "out",
-                                "in",
-                                "family",
-                                "akps",
-                                "gain",
-                                "offset",
-                                "residual",
-                                "residuals",
-                            ],
-                            "properties": {
-                                "index": {"type": "integer"},
-                                "out": {"type": "integer"},
-                                "in": {"type": "integer"},
-                                "family": {"type": "string"},
-                                "akps": {
+                    "per_kernel": {
+                        "type": "object",
+                        "required": ["families", "encoding", "columns"],
+                        "properties": {
+                            "families": {"type": "array", "items": {"type": "string"}},
+                            "encoding": {"const": ENCODING},
+                            "columns": {
+                                "type": "object",
+                                "required": [
+                                    "family",
+                                    "best_family",
+                                    "residual",
+                                    "best_residual",
+                                ],
+                                "additionalProperties": {
                                     "type": "object",
-                                    "additionalProperties": {"type": "number"},
-                                },
-                                "gain": {"type": ["number", "null"]},
-                                "offset": {"type": ["number", "null"]},
-                                "tied": {"type": "boolean"},
-                                "residual": {"type": "number", "minimum": 0},
-                                "residuals": {
-                                    "type": "object",
-                                    "additionalProperties": {"type": "number"},
-                                },
-                                "output_residual": {"type": ["number", "null"]},
-                                "output_residuals": {
-                                    "type": "object",
-                                    "additionalProperties": {"type": "number"},
+                                    "required": ["dtype", "data"],
+                                    "properties": {
+                                        "dtype": {"enum": ["uint8", "float16"]},
+                                        "data": {"type": "string"},
+                                    },
                                 },
                             },
                         },
