@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["UserError", "UsageError", "option"]
+__all__ = ["UserError", "UsageError", "Note", "note", "option"]
 
 # An option inside a message: name, then optionally "=" and the value, between two separators
 # that never occur in text.
@@ -60,3 +60,20 @@ class UsageError(UserError):
     """The command was called wrongly: a bad option value, a selector matching nothing (exit 2)."""
 
     exit_code = 2
+
+
+class Note(str):
+    """A sentence for the user (a conversion's notes): the text reads as from Python, and
+    :attr:`cli` names the settings by their command-line flags."""
+
+    cli: str
+
+    def __new__(cls, text: str, cli: str | None = None) -> Note:
+        self = super().__new__(cls, text)
+        self.cli = text if cli is None else cli
+        return self
+
+
+def note(text: str) -> Note:
+    """A :class:`Note` from a message whose settings are named with :func:`option`."""
+    return Note(_OPTION.sub(_python, text), _OPTION.sub(_flag, text))

@@ -28,7 +28,7 @@ from .calibration.compensate import compensated
 from .calibration.fidelity import measure_fidelity
 from .calibration.moments import Calibration, LayerMoments, execution_order
 from .conversion import Conversion, LayerResult, Source, state_dict_sha256
-from .errors import UsageError, UserError, option
+from .errors import UsageError, UserError, note, option
 from .fit import FitResult, fit_kernels
 from .fit.joint import refit_layer
 from .fit.select import Rule, choose, meet_error_bound
@@ -237,6 +237,7 @@ class Job:
                 results = _convert_plain(
                     self.source.state_dict, self.layers, settings, progress, notes
                 )
+        notes.extend(_few_converted(results, settings))
         conversion = Conversion(self.source, self.arch, settings, results, notes=notes)
         if model is not None:
             conversion.model = conversion.patched(model).eval()
@@ -245,6 +246,26 @@ class Job:
                 model, conversion.model, calib.batches, [r.layer.name for r in results]
             )
         return conversion
+
+
+def _few_converted(results: Sequence[LayerResult], settings: Settings) -> list[str]:
+    """A hint when less than a tenth of the kernels became analytic under a threshold: the
+    best residuals seen and what to try (a randomly initialised network fits no family)."""
+    kernels_total = sum(r.acl.num_kernels for r in results)
+    converted = sum(sum(c != "P" for c in r.acl.codes) for r in results)
+    if settings.budget or not kernels_total or converted >= 0.1 * kernels_total:
+        return []
+    best = torch.cat([r.fit.residuals.min(1).values for r in results if r.fit.residuals.numel()])
+    median = float(best.double().median())
+    return [
+        note(
+            f"only {converted:,} of {kernels_total:,} kernels became analytic: the best families "
+            f"fit them with a median residual of {median:.2f}, above the threshold "
+            f"{settings.threshold:g}; try {option('threshold', f'{median:.2f}')}, a budget "
+            f"({option('target_compact', '0.5')}), or calibration images (a trained network's "
+            "kernels are far more analytic than random ones)"
+        )
+    ]
 
 
 def _check_finite(state_dict: dict[str, Tensor], layers: Sequence[ConvLayer]) -> None:

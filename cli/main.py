@@ -56,7 +56,7 @@ app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 
 
@@ -134,8 +134,10 @@ def _progress(quiet: bool) -> Progress:
 
 
 def _note(quiet: bool, text: str) -> None:
+    """A line on stderr, printed literally (never as rich markup); a library
+    :class:`~acl_convert.errors.Note` names settings by their flags."""
     if not quiet:
-        err.print(escape(text), highlight=False)
+        err.print(Text(getattr(text, "cli", text)), highlight=False)
 
 
 @app.command()
@@ -167,7 +169,7 @@ def convert(
         "--threshold",
         "-t",
         help="A kernel becomes analytic only if its relative residual is at most this. "
-        "\\[default: 0.3]",
+        "[default: 0.3]",
     ),
     select: str = typer.Option(
         "best",
@@ -180,16 +182,37 @@ def convert(
         None,
         "--output",
         "-o",
-        help="AnaNN checkpoint to write \\[default: ./<stem>.anann.safetensors].",
+        help="AnaNN checkpoint to write [default: ./<stem>.anann.safetensors].",
     ),
     report: Path = typer.Option(
-        None, "--report", help="JSON report to write \\[default: ./<stem>.report.json]."
+        None, "--report", help="JSON report to write [default: ./<stem>.report.json]."
     ),
-    mosaic: Path = typer.Option(
+    html: bool = typer.Option(
+        True,
+        "--html/--no-html",
+        help="Write an HTML report (one self-contained page: the tables and, per layer, "
+        "pictures of families, residuals, AKPs and kernels) [default: ./<stem>.report.html].",
+    ),
+    figure_layers: int = typer.Option(
+        8,
+        "--figure-layers",
+        help="How many converted layers get pictures in the HTML report (the first ones; "
+        "-1: all). The table lists every layer.",
+    ),
+    # A str, not a Path: a Path drops the trailing / that asks for a folder.
+    mosaic: str = typer.Option(
         None,
         "--mosaic",
-        help="Write PNGs of original vs fitted kernels: a file name (one "
-        "per layer: NAME.<layer>.png when several) or a folder.",
+        help="Also write each layer's kernel picture (original | fitted | difference) as a PNG: "
+        "a file name (NAME.<layer>.png when several layers) or a folder (end it with /).",
+    ),
+    mosaic_channels: str = typer.Option(
+        None,
+        "--mosaic-channels",
+        help="Output channels the pictures show, e.g. 0,5,9 [default: the first ones].",
+    ),
+    mosaic_tiles: int = typer.Option(
+        64, "--mosaic-tiles", help="At most this many kernels (or RGB channels) per picture."
     ),
     calibration: Path = typer.Option(
         None,
@@ -207,21 +230,21 @@ def convert(
         None,
         "--fit-to",
         help="What a kernel's fit minimises: 'output' (its output error on the calibration "
-        "images) or 'plain' (least squares on the kernel). \\[default: output with "
+        "images) or 'plain' (least squares on the kernel). [default: output with "
         "--calibration, else plain]",
     ),
     threshold_on: str = typer.Option(
         None,
         "--threshold-on",
         help="Which relative residual the threshold and the choice of family use: 'output' or "
-        "'plain'. \\[default: as --fit-to]",
+        "'plain'. [default: as --fit-to]",
     ),
     joint: bool = typer.Option(
         None,
         "--joint/--no-joint",
         help="With --calibration: refit each layer's AKPs channel by channel under the full "
         "input statistics and re-solve its gains, offsets, plain kernels and bias together. "
-        "\\[default: on with --calibration]",
+        "[default: on with --calibration]",
     ),
     sweeps: int = typer.Option(
         2,
@@ -269,6 +292,7 @@ def convert(
     from acl_convert.io.outputs import OutputPlan, default_output, sibling
     from acl_convert.pipeline import prepare_checkpoint
     from acl_convert.report.figures import picture_path
+    from acl_convert.report.pictures import PictureOptions
 
     given = dict(
         families=families,
@@ -291,6 +315,8 @@ def convert(
     plan = OutputPlan(force=force, inputs=[checkpoint])
     output = plan.add(output or default_output(checkpoint, ".anann.safetensors"), "the AnaNN")
     report_path = plan.add(report or sibling(output, ".report.json"), "the report")
+    html_path = plan.add(sibling(output, ".report.html"), "the HTML report") if html else None
+    pictures = PictureOptions.parse(mosaic_channels, mosaic_tiles, figure_layers)
     job = prepare_checkpoint(
         checkpoint,
         [s for sel in layers for s in _split(sel)],
@@ -312,7 +338,7 @@ def convert(
     _note(
         quiet,
         f"fitting {n_kernels:,} kernels of {len(job.layers)} layer(s) to "
-        f"{len(settings.families)} families on {settings.device}"
+        f"{len(settings.families)} families on {check_device(settings.device)}"
         + (
             f", by output error on {settings.calibration_images} images"
             if settings.fit_to == "output"
@@ -332,31 +358,35 @@ def convert(
     for line in result.notes[len(job.notes) :]:
         _note(quiet, line)
     doc = result.report
-    print_report(doc, out)
-    _write_conversion(result, doc, output, report_path, mosaic_paths)
-    _note(
-        quiet,
-        f"wrote {output} and {report_path}" + "".join(f", {p}" for p in mosaic_paths.values()),
-    )
+    if not quiet:
+        print_report(doc, out)
+    written = _write_conversion(result, doc, output, report_path, html_path, mosaic_paths, pictures)
+    _note(quiet, "wrote " + ", ".join(str(p) for p in written))
 
 
-def _write_conversion(result, doc, output: Path, report_path: Path, mosaic_paths: dict) -> None:
+def _write_conversion(
+    result, doc, output: Path, report_path: Path, html_path, mosaic_paths: dict, pictures
+) -> list[Path]:
     """Every file to a temporary name first, all renamed together at the end: an error or an
-    interrupt leaves nothing half-written."""
+    interrupt leaves nothing half-written. Returns the paths written."""
     from acl_convert.io.anann import save_anann
     from acl_convert.io.outputs import atomic_path
-    from acl_convert.report.pictures import layer_mosaic, to_png
+    from acl_convert.report.pictures import html_report, layer_mosaic, to_png
 
     with ExitStack() as stack:
         tmp_out = stack.enter_context(atomic_path(output))
         tmp_rep = stack.enter_context(atomic_path(report_path))
         save_anann(tmp_out, result.tensors(), result.header())
         tmp_rep.write_text(json.dumps(doc, indent=1))
+        if html_path is not None:
+            page = html_report(result, options=pictures)
+            stack.enter_context(atomic_path(html_path)).write_text(page, encoding="utf-8")
         for res in result.layers:
-            if res.layer.name not in mosaic_paths:
-                continue
-            png = to_png(layer_mosaic(res, result.source.state_dict))
-            stack.enter_context(atomic_path(mosaic_paths[res.layer.name])).write_bytes(png)
+            if res.layer.name in mosaic_paths:
+                fig = layer_mosaic(res, result.source.state_dict, **pictures.mosaic)
+                tmp = stack.enter_context(atomic_path(mosaic_paths[res.layer.name]))
+                tmp.write_bytes(to_png(fig))
+    return [output, report_path, *([html_path] if html_path else []), *mosaic_paths.values()]
 
 
 def _split(text: str) -> list[str]:
@@ -421,7 +451,7 @@ def bake(
         "--output",
         "-o",
         help="Plain state dict to write: .pth/.pt (torch) or .safetensors "
-        "\\[default: ./<stem>.baked.safetensors].",
+        "[default: ./<stem>.baked.safetensors].",
     ),
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
@@ -449,7 +479,7 @@ def export(
     plain: bool = typer.Option(
         False, "--plain", help="Also list the plain kernels, with their weights."
     ),
-    output: Path = typer.Option(None, "--output", "-o", help="File to write \\[default: stdout]."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
     debug: bool = DebugOpt,
@@ -565,13 +595,13 @@ def evaluate_cmd(
         None,
         "--labels",
         help="CSV with the columns file,index (file relative to --data) "
-        "\\[default: DIR/labels.csv when present].",
+        "[default: DIR/labels.csv when present].",
     ),
     classes: Path = typer.Option(
         None,
         "--classes",
         help="TSV with the columns index, wnid, torchvision_name: the class index of each "
-        "ImageNet wnid \\[default: imagenet_classes.tsv in DIR or its parent].",
+        "ImageNet wnid [default: imagenet_classes.tsv in DIR or its parent].",
     ),
     arch: str = typer.Option(
         None,
@@ -734,7 +764,7 @@ def finetune_cmd(
         "--output",
         "-o",
         help="Fine-tuned AnaNN, written after every epoch "
-        "\\[default: ./<stem>.ft.anann.safetensors].",
+        "[default: ./<stem>.ft.anann.safetensors].",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run from OUTPUT's training state."

@@ -39,7 +39,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from ..errors import UsageError, UserError, option
+from ..errors import UsageError, UserError, note, option
 
 __all__ = [
     "Architecture",
@@ -454,9 +454,11 @@ def model_for(
                     f"timm's) models; pass {option('arch', 'NAME')}"
                 )
             notes.append(
-                "architecture not recognised among torchvision's (or timm's) models; converting "
-                f"the tensors only (give {option('arch', 'NAME')} to calibrate, evaluate or "
-                "load it as a network)"
+                note(
+                    "architecture not recognised among torchvision's (or timm's) models; "
+                    f"converting the tensors only (give {option('arch', 'NAME')} to calibrate, "
+                    "evaluate or load it as a network)"
+                )
             )
             return None, None
         notes.append(f"architecture detected: {spec}")

@@ -4,19 +4,74 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..errors import UsageError, option
 from .figures import akp_figure, kernel_mosaic, layer_summary, to_png, zero_kernels
 from .html import render_html
 
 if TYPE_CHECKING:
     from ..conversion import Conversion, LayerResult
 
-__all__ = ["layer_mosaic", "layer_summary_figure", "layer_akp_figure", "html_report", "to_png"]
+__all__ = [
+    "PictureOptions",
+    "layer_mosaic",
+    "layer_summary_figure",
+    "layer_akp_figure",
+    "html_report",
+    "to_png",
+]
+
+
+@dataclass(frozen=True)
+class PictureOptions:
+    """What the pictures of a conversion show.
+
+    Attributes:
+        channels: the output channels a kernel picture shows (None: the first ones).
+        max_tiles: at most this many kernels (RGB layers: output channels) per kernel picture.
+        figure_layers: how many converted layers get figures in the HTML report, the first
+            ones (-1: all); figures take about 2 s per layer and 200 kB in the page.
+    """
+
+    channels: tuple[int, ...] | None = None
+    max_tiles: int = 64
+    figure_layers: int = 8
+
+    @classmethod
+    def parse(cls, channels: str | None, max_tiles: int, figure_layers: int) -> PictureOptions:
+        """From the command line's text values; a bad value is a :class:`UsageError`."""
+        picked = None
+        if channels is not None:
+            try:
+                picked = tuple(int(c) for c in channels.split(",") if c.strip())
+            except ValueError:
+                raise UsageError(
+                    f"{option('mosaic_channels')} must be output channel numbers separated by "
+                    f"commas, e.g. 0,5,9; got {channels!r}"
+                ) from None
+            if not picked or min(picked) < 0:
+                raise UsageError(f"{option('mosaic_channels')} needs channel numbers >= 0")
+        if max_tiles < 1:
+            raise UsageError(f"{option('mosaic_tiles')} must be at least 1, got {max_tiles}")
+        if figure_layers < -1:
+            raise UsageError(f"{option('figure_layers')} must be -1 (all), 0 or more")
+        return cls(picked, max_tiles, figure_layers)
+
+    @property
+    def mosaic(self) -> dict:
+        """Keyword arguments of :func:`layer_mosaic`."""
+        return {"channels": self.channels, "max_tiles": self.max_tiles}
+
+    def layers(self, conversion: Conversion) -> list[str]:
+        """The converted layers that get figures in the HTML report."""
+        names = [r.layer.name for r in conversion.layers]
+        return names if self.figure_layers < 0 else names[: self.figure_layers]
 
 
 def _per_kernel(res: LayerResult, per_row: Tensor) -> Tensor:
@@ -84,20 +139,24 @@ def layer_akp_figure(res: LayerResult) -> Figure | None:
     return akp_figure(res.layer.name, akps, res.layer.kernel_size)
 
 
-def html_report(conversion: Conversion, layers: Sequence[str] | None = None) -> str:
+def html_report(
+    conversion: Conversion,
+    layers: Sequence[str] | None = None,
+    options: PictureOptions = PictureOptions(),
+) -> str:
     """The conversion as one self-contained HTML page: the summary table, fidelity, and for each
-    layer of ``layers`` (default: all converted layers) its summary, AKP and kernel figures."""
+    layer of ``layers`` (default: ``options.layers``) its summary, AKP and kernel figures."""
     state = conversion.source.state_dict
-    wanted = set(layers) if layers is not None else None
+    wanted = set(options.layers(conversion) if layers is None else layers)
     threshold = None if conversion.settings.budget else conversion.settings.threshold
     images = {}
     for res in conversion.layers:
-        if wanted is not None and res.layer.name not in wanted:
+        if res.layer.name not in wanted:
             continue
         figs = [
             ("families and residuals", layer_summary_figure(res, state, threshold)),
             ("analytic kernel parameters", layer_akp_figure(res)),
-            ("original | fitted | difference", layer_mosaic(res, state)),
+            ("original | fitted | difference", layer_mosaic(res, state, **options.mosaic)),
         ]
         images[res.layer.name] = [(cap, to_png(fig)) for cap, fig in figs if fig is not None]
     source = conversion.source.file or "a model in memory"
