@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import typer
@@ -269,6 +268,7 @@ def convert(
     from acl_convert.io.outputs import OutputPlan, default_output, sibling
     from acl_convert.pipeline import prepare_checkpoint
     from acl_convert.report.figures import picture_path
+    from acl_convert.report.files import write_conversion
 
     given = dict(
         families=families,
@@ -333,30 +333,11 @@ def convert(
         _note(quiet, line)
     doc = result.report
     print_report(doc, out)
-    _write_conversion(result, doc, output, report_path, mosaic_paths)
+    write_conversion(result, output, report_path, pictures=mosaic_paths, doc=doc)
     _note(
         quiet,
         f"wrote {output} and {report_path}" + "".join(f", {p}" for p in mosaic_paths.values()),
     )
-
-
-def _write_conversion(result, doc, output: Path, report_path: Path, mosaic_paths: dict) -> None:
-    """Every file to a temporary name first, all renamed together at the end: an error or an
-    interrupt leaves nothing half-written."""
-    from acl_convert.io.anann import save_anann
-    from acl_convert.io.outputs import atomic_path
-    from acl_convert.report.pictures import layer_mosaic, to_png
-
-    with ExitStack() as stack:
-        tmp_out = stack.enter_context(atomic_path(output))
-        tmp_rep = stack.enter_context(atomic_path(report_path))
-        save_anann(tmp_out, result.tensors(), result.header())
-        tmp_rep.write_text(json.dumps(doc, indent=1))
-        for res in result.layers:
-            if res.layer.name not in mosaic_paths:
-                continue
-            png = to_png(layer_mosaic(res, result.source.state_dict))
-            stack.enter_context(atomic_path(mosaic_paths[res.layer.name])).write_bytes(png)
 
 
 def _split(text: str) -> list[str]:
