@@ -50,6 +50,7 @@ app = typer.Typer(
     help="Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs).\n\n"
     "Run `acl-convert CHECKPOINT --layers NAME` to convert (the `convert` command is implied); "
     "`acl-convert layers CHECKPOINT` lists what can be converted; "
+    "`acl-convert demo` converts a real sample that comes with acl-convert; "
     "`acl-convert evaluate MODEL --data DIR` measures accuracy on labelled images; "
     "`acl-convert finetune ANANN --data DIR --teacher ORIGINAL` distils it back.",
     no_args_is_help=True,
@@ -320,15 +321,7 @@ def convert(
         ),
     )
     with _progress(quiet) as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(task: str, done: int, total: int) -> None:
-            if task not in tasks:
-                label = task if task.startswith("inputs") else f"fit {task}"
-                tasks[task] = bar.add_task(escape(label), total=total)
-            bar.advance(tasks[task], done)
-
-        result = job.run(on_progress)
+        result = job.run(_conversion_progress(bar))
     for line in result.notes[len(job.notes) :]:
         _note(quiet, line)
     doc = result.report
@@ -338,6 +331,45 @@ def convert(
         quiet,
         f"wrote {output} and {report_path}" + "".join(f", {p}" for p in mosaic_paths.values()),
     )
+
+
+def _conversion_progress(bar: Progress):
+    """A :data:`acl_convert.pipeline.ProgressFn` drawing one bar per task on ``bar``."""
+    tasks: dict[str, int] = {}
+
+    def on_progress(task: str, done: int, total: int) -> None:
+        if task not in tasks:
+            label = task if task.startswith("inputs") else f"fit {task}"
+            tasks[task] = bar.add_task(escape(label), total=total)
+        bar.advance(tasks[task], done)
+
+    return on_progress
+
+
+@app.command("demo")
+@_user_errors
+def demo_cmd(
+    folder: Path = typer.Argument(
+        None,
+        help="Folder for the demo's files; made when missing, and nothing in it is replaced "
+        "\\[default: a new ./acl-convert-demo, or acl-convert-demo-2, ...].",
+        show_default=False,
+    ),
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Convert the real sample that comes with acl-convert (SqueezeNet 1.0's first layer, 288
+    ImageNet kernels): AnaNN, report, kernel picture and HTML report in one folder."""
+    out.print(
+        "acl-convert demo: converting the real sample that comes with acl-convert, the first\n"
+        "convolution of SqueezeNet 1.0 (Deep Compression, ImageNet; features.0: 96×3×7×7 = 288\n"
+        "kernels, tensors only), with the default settings.",
+        highlight=False,
+    )
+    with _progress(quiet) as bar:
+        result = acl_convert.demo(folder, progress=_conversion_progress(bar))
+    print_report(result.report, out)
+    out.print(escape(result.summary()), highlight=False)
 
 
 def _split(text: str) -> list[str]:
