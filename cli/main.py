@@ -363,13 +363,13 @@ def demo_cmd(
     out.print(
         "acl-convert demo: converting the real sample that comes with acl-convert, the first\n"
         "convolution of SqueezeNet 1.0 (Deep Compression, ImageNet; features.0: 96×3×7×7 = 288\n"
-        "kernels, tensors only), with the default settings.",
+        "kernels, tensors only), with the default settings.\n",
         highlight=False,
     )
     with _progress(quiet) as bar:
         result = acl_convert.demo(folder, progress=_conversion_progress(bar))
     print_report(result.report, out)
-    out.print(escape(result.summary()), highlight=False)
+    out.print("\n" + escape(result.summary()), highlight=False)
 
 
 def _split(text: str) -> list[str]:
