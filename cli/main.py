@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import typer
@@ -51,6 +50,7 @@ app = typer.Typer(
     help="Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs).\n\n"
     "Run `acl-convert CHECKPOINT --layers NAME` to convert (the `convert` command is implied); "
     "`acl-convert layers CHECKPOINT` lists what can be converted; "
+    "`acl-convert demo` converts a real sample that comes with acl-convert; "
     "`acl-convert evaluate MODEL --data DIR` measures accuracy on labelled images; "
     "`acl-convert finetune ANANN --data DIR --teacher ORIGINAL` distils it back.",
     no_args_is_help=True,
@@ -292,6 +292,7 @@ def convert(
     from acl_convert.io.outputs import OutputPlan, default_output, sibling
     from acl_convert.pipeline import prepare_checkpoint
     from acl_convert.report.figures import picture_path
+    from acl_convert.report.files import write_conversion
     from acl_convert.report.pictures import PictureOptions
 
     given = dict(
@@ -346,47 +347,62 @@ def convert(
         ),
     )
     with _progress(quiet) as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(task: str, done: int, total: int) -> None:
-            if task not in tasks:
-                label = task if task.startswith("inputs") else f"fit {task}"
-                tasks[task] = bar.add_task(escape(label), total=total)
-            bar.advance(tasks[task], done)
-
-        result = job.run(on_progress)
+        result = job.run(_conversion_progress(bar))
     for line in result.notes[len(job.notes) :]:
         _note(quiet, line)
     doc = result.report
     if not quiet:
         print_report(doc, out)
-    written = _write_conversion(result, doc, output, report_path, html_path, mosaic_paths, pictures)
+    written = write_conversion(
+        result,
+        output,
+        report_path,
+        pictures=mosaic_paths,
+        html=html_path,
+        doc=doc,
+        options=pictures,
+    )
     _note(quiet, "wrote " + ", ".join(str(p) for p in written))
 
 
-def _write_conversion(
-    result, doc, output: Path, report_path: Path, html_path, mosaic_paths: dict, pictures
-) -> list[Path]:
-    """Every file to a temporary name first, all renamed together at the end: an error or an
-    interrupt leaves nothing half-written. Returns the paths written."""
-    from acl_convert.io.anann import save_anann
-    from acl_convert.io.outputs import atomic_path
-    from acl_convert.report.pictures import html_report, layer_mosaic, to_png
+def _conversion_progress(bar: Progress):
+    """A :data:`acl_convert.pipeline.ProgressFn` drawing one bar per task on ``bar``."""
+    tasks: dict[str, int] = {}
 
-    with ExitStack() as stack:
-        tmp_out = stack.enter_context(atomic_path(output))
-        tmp_rep = stack.enter_context(atomic_path(report_path))
-        save_anann(tmp_out, result.tensors(), result.header())
-        tmp_rep.write_text(json.dumps(doc, indent=1))
-        if html_path is not None:
-            page = html_report(result, options=pictures)
-            stack.enter_context(atomic_path(html_path)).write_text(page, encoding="utf-8")
-        for res in result.layers:
-            if res.layer.name in mosaic_paths:
-                fig = layer_mosaic(res, result.source.state_dict, **pictures.mosaic)
-                tmp = stack.enter_context(atomic_path(mosaic_paths[res.layer.name]))
-                tmp.write_bytes(to_png(fig))
-    return [output, report_path, *([html_path] if html_path else []), *mosaic_paths.values()]
+    def on_progress(task: str, done: int, total: int) -> None:
+        if task not in tasks:
+            label = task if task.startswith("inputs") else f"fit {task}"
+            tasks[task] = bar.add_task(escape(label), total=total)
+        bar.advance(tasks[task], done)
+
+    return on_progress
+
+
+@app.command("demo")
+@_user_errors
+def demo_cmd(
+    folder: Path = typer.Argument(
+        None,
+        help="Folder for the demo's files; made when missing, and nothing in it is replaced "
+        "[default: a new ./acl-convert-demo, or acl-convert-demo-2, ...].",
+        show_default=False,
+    ),
+    quiet: bool = QuietOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Convert the real sample that comes with acl-convert (SqueezeNet 1.0's first layer, 288
+    ImageNet kernels): AnaNN, report, kernel picture and HTML report in one folder."""
+    out.print(
+        "acl-convert demo: converting the real sample that comes with acl-convert, the first\n"
+        "convolution of SqueezeNet 1.0 (Deep Compression, ImageNet; features.0: 96×3×7×7 = 288\n"
+        "kernels, tensors only), with the default settings.\n",
+        highlight=False,
+    )
+    with _progress(quiet) as bar:
+        result = acl_convert.demo(folder, progress=_conversion_progress(bar))
+    if not quiet:
+        print_report(result.report, out)
+        out.print(Text("\n" + result.summary()), highlight=False)
 
 
 def _split(text: str) -> list[str]:

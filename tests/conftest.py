@@ -1,5 +1,6 @@
-"""Shared fixtures: the real data in ``../shared/data`` (read only, never written) and a way to
-run the command line in-process with stdout and stderr kept apart."""
+"""Shared fixtures: the real data in ``../shared/data`` (read only, never written), the real
+sample that comes with the package (SqueezeNet's conv1, on every machine), and a way to run the
+command line in-process with stdout and stderr kept apart."""
 
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def _need(path: Path) -> Path:
 def squeezenet_ckpt() -> Path:
     """The real SqueezeNet 1.0 state dict (first conv ``features.0``: 96x3x7x7)."""
     return _need(SQUEEZENET)
+
+
+@pytest.fixture(scope="session")
+def sample_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SqueezeNet 1.0 conv1 (``features.0``: 96x3x7x7 weights and bias) from the sample
+    embedded in the package, saved as a torch state dict in a tmp folder: the same kernels as
+    :func:`squeezenet_ckpt`'s first layer, with no other layer and no ``../shared`` needed."""
+    import torch
+
+    from acl_convert.sample import load_sample
+
+    path = tmp_path_factory.mktemp("sample") / "squeezenet1_0_conv1.pth"
+    torch.save(load_sample(), path)
+    return path
 
 
 @pytest.fixture(scope="session")

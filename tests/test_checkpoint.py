@@ -361,9 +361,9 @@ def test_truncated_safetensors(tmp_path, keep):
     assert "truncated or corrupt" in str(load_error(cut))
 
 
-def test_real_file_cut_in_half(tmp_path):
-    data = real(SQUEEZENET).read_bytes()
-    cut = tmp_path / SQUEEZENET.name
+def test_real_file_cut_in_half(tmp_path, sample_ckpt):
+    data = sample_ckpt.read_bytes()
+    cut = tmp_path / sample_ckpt.name
     cut.write_bytes(data[: len(data) // 2])
     message = str(load_error(cut))
     assert message.startswith(str(cut)) and "truncated or corrupt" in message

@@ -405,9 +405,9 @@ def test_truncated_or_corrupt(invoke, work, files_in, make):
     assert files_in(work) == before
 
 
-def test_truncated_real_checkpoint(invoke, work, files_in, squeezenet_ckpt):
-    data = squeezenet_ckpt.read_bytes()
-    cut = work / squeezenet_ckpt.name
+def test_truncated_real_checkpoint(invoke, work, files_in, sample_ckpt):
+    data = sample_ckpt.read_bytes()
+    cut = work / sample_ckpt.name
     cut.write_bytes(data[: len(data) // 2])
     result = invoke(cut, "--layers", "features.0", "-q")
     assert_quiet_error(result, 1, "truncated or corrupt", "re-download")
@@ -445,10 +445,10 @@ def test_glob_matching_nothing(invoke, tiny, work, files_in):
     assert files_in(work) == {"tiny.pth"}
 
 
-def test_selector_matching_nothing_in_real_squeezenet(invoke, work, files_in, squeezenet_ckpt):
+def test_selector_matching_nothing_in_real_squeezenet(invoke, work, files_in, sample_ckpt):
     """The issue's own example, ``--layers conv1``, on a network that names it ``features.0``."""
-    result = invoke(squeezenet_ckpt, "--layers", "conv1", "-q")
-    assert_quiet_error(result, 2, "'conv1'", "matches no convolution", "closest")
+    result = invoke(sample_ckpt, "--layers", "conv1", "-q")
+    assert_quiet_error(result, 2, "'conv1'", "matches no convolution", "closest: features.0")
     assert files_in(work) == set()
 
 

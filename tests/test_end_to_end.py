@@ -187,18 +187,6 @@ def test_terminal_table_and_mosaics(converted, invoke):
         assert lay["name"] in result.stdout
 
 
-def test_squeezenet_conv1_is_largely_gabor(squeezenet_ckpt, converted):
-    """The paper's observation on real first layers: the 7x7 RGB kernels of SqueezeNet are
-    largely Gabor-like. At tau = 0.3 a good share of them must convert, mostly to Gabor."""
-    if converted["ckpt"] != squeezenet_ckpt:
-        pytest.skip("SqueezeNet only")
-    lay = converted["report"]["layers"][0]
-    counts = lay["family_counts"]
-    assert lay["converted"] >= 40
-    assert counts.get("G", 0) >= lay["converted"] // 2
-    assert 0 < lay["compact_factor"] < 1
-
-
 def test_calibration_reports_fidelity_computed_independently(
     invoke, tmp_path, squeezenet_ckpt, copy_images
 ):

@@ -475,9 +475,9 @@ def test_cli_calibration_reports_predicted_and_measured_output_error(
     assert (cols["output_residual"][~analytic] == 0).all()
 
 
-def test_cli_budget_and_threshold_are_exclusive(invoke, tmp_path, squeezenet_ckpt):
+def test_cli_budget_and_threshold_are_exclusive(invoke, tmp_path, sample_ckpt):
     result = invoke(
-        squeezenet_ckpt,
+        sample_ckpt,
         "-l",
         "features.0",
         "-t",
@@ -492,18 +492,16 @@ def test_cli_budget_and_threshold_are_exclusive(invoke, tmp_path, squeezenet_ckp
     assert "not both" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_tie_channels_writes_a_tied_anann_that_loads_back(invoke, tmp_path, squeezenet_ckpt):
+def test_cli_tie_channels_writes_a_tied_anann_that_loads_back(invoke, tmp_path, sample_ckpt):
     """--tie-channels: every output channel of conv1 is one AKP row for its three kernels; the
     compact factor counts it once, the report marks the kernels tied, and the AnaNN loads back
     computing what the conversion computed."""
-    import torchvision
-
     import acl_convert
 
     out = tmp_path / "t.anann.safetensors"
     report = tmp_path / "t.json"
     result = invoke(
-        squeezenet_ckpt,
+        sample_ckpt,
         "-l",
         "features.0",
         "--tie-channels",
@@ -537,7 +535,10 @@ def test_cli_tie_channels_writes_a_tied_anann_that_loads_back(invoke, tmp_path, 
         + counts.get("P", 0) * 49
     )
     assert lay["compact_factor"] == pytest.approx(1 - params / (288 * 49))
-    model = acl_convert.load_anann(out, torchvision.models.squeezenet1_0(weights=None))
+    # The sample is conv1 alone: a network of just that layer, named as SqueezeNet names it.
+    net = nn.Sequential()
+    net.features = nn.Sequential(nn.Conv2d(3, 96, 7, stride=2))
+    model = acl_convert.load_anann(out, net)
     acl = model.features[0]
     assert acl.is_tied()
 
