@@ -45,7 +45,7 @@ def converted(request, tmp_path_factory, invoke):
     report = out / f"{request.param}.report.json"
     args = [ckpt, "--layers", ",".join(selectors), "-o", anann, "--report", report]
     (out / "mosaic").mkdir()
-    args += ["--mosaic", out / "mosaic", "-q"]
+    args += ["--mosaic", f"{out / 'mosaic'}/"]
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     return {
@@ -200,7 +200,7 @@ def test_calibration_reports_fidelity_computed_independently(
     out.mkdir()
     report = out / "r.json"
     args = [squeezenet_ckpt, "-l", "features.0", "-t", "0.5", "--calibration", images]
-    result = invoke(*args, "-o", out / "a.anann.safetensors", "--report", report, "-q")
+    result = invoke(*args, "-o", out / "a.anann.safetensors", "--report", report)
     assert result.exit_code == 0, result.stderr
     fid = json.loads(report.read_text())["fidelity"]
     assert fid["images"] == 6
