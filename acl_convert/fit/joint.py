@@ -26,6 +26,11 @@ from .threads import single_threaded
 
 __all__ = ["JointSolution", "resolve", "refine_channels", "output_errors"]
 
+#: Ridge of :func:`resolve`'s normal equations, relative to their mean diagonal. It costs at
+#: most ``RIDGE * mean(diag) * |c|^2`` of output error (``c`` the unregularised least-squares
+#: coefficients of minimum norm).
+RIDGE = 1e-10
+
 
 def output_errors(
     weight: Tensor,
@@ -187,7 +192,7 @@ def resolve(
         normal = torch.cat(rows, 0)  # Phi^T S Phi, (m, m)
         rhs = s_phi.T @ target[q]
         # A whisper of ridge: a Mean kernel's gain and a neighbour's offset can be collinear.
-        ridge = 1e-10 * torch.diagonal(normal).mean().clamp_min(1e-30)
+        ridge = RIDGE * torch.diagonal(normal).mean().clamp_min(1e-30)
         coef = torch.linalg.solve(normal + ridge * torch.eye(len(rhs), dtype=torch.float64), rhs)
         n_a, n_o, n_p = len(analytic), len(offs), len(plains) * n
         new = torch.zeros(d + 1, dtype=torch.float64)
