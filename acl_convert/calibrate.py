@@ -144,8 +144,9 @@ class Calibration:
             # the largest eigenvalue, more than the smallest eigenvalues of smooth images' patch
             # moments (3e-12 of the largest on the tests' blurred noise), so S came out
             # indefinite, the joint re-solve minimised a non-convex quadratic along those
-            # directions, and its outcome followed the CPU's float32 summation order (MKL's
-            # differs between Intel and AMD). Chunks of patches bound the float64 copies.
+            # directions, the channel sweeps could raise the output error (1.2 -> 2.7 on a toy
+            # layer), and both followed the CPU's float32 summation order (MKL's differs between
+            # Intel and AMD). Chunks of patches bound the float64 copies.
             for lo in range(0, cols.shape[2], _CHUNK):
                 part = cols[:, :, lo : lo + _CHUNK].double()
                 total.add_(part @ part.transpose(1, 2))
