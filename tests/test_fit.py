@@ -25,6 +25,7 @@ Runs on the CPU only; the planted fits are cached per configuration and shared b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import cache
 from typing import NamedTuple
@@ -213,24 +214,61 @@ def test_lg_lt_tie_on_3x3_is_legitimate():
         assert (res[:, j] <= res[:, k]).all()
 
 
+def rows_result(fit: FitResult, rows: torch.Tensor) -> FitResult:
+    """The part of ``fit`` for the kernels ``rows``."""
+    return dataclasses.replace(
+        fit,
+        residuals=fit.residuals[rows],
+        params={c: v[rows] for c, v in fit.params.items()},
+        gain={c: v[rows] for c, v in fit.gain.items()},
+        offset={c: v[rows] for c, v in fit.offset.items()},
+        weighted=None if fit.weighted is None else fit.weighted[rows],
+        energy=None if fit.energy is None else fit.energy[rows],
+    )
+
+
+def agreeing(a: FitResult, b: FitResult) -> torch.Tensor:
+    """``(N,)`` bool: the kernels whose whole result (every family's residual, AKPs, gain and
+    offset) is the same in ``a`` and ``b`` up to float32 rounding."""
+    # 1e-6 in residual: the fit's float32 accuracy (the fit_kernels docstring); AKPs, gains and
+    # offsets within 1e-5 relative: a flat minimum lets the parameters move ~10x more than the
+    # residual, and a search that took another path differs by far more (seed test below: all).
+    same = ((a.residuals - b.residuals).abs() <= 1e-6).all(1)
+    for c in a.families:
+        same &= torch.isclose(a.params[c], b.params[c], rtol=1e-5, atol=1e-5).all(1)
+        same &= torch.isclose(a.gain[c], b.gain[c], rtol=1e-5, atol=1e-6)
+        same &= torch.isclose(a.offset[c], b.offset[c], rtol=1e-5, atol=1e-6)
+    return same
+
+
+#: Share of kernels whose result must not depend on the batch around them. Each kernel's
+#: arithmetic is its own (lm._normal_equations), but BLAS products (the dictionary scores) may
+#: round a row differently with the number of rows on some CPUs, and a near-tie between starts or
+#: an accept/reject decision on the edge then sends that kernel down another path, possibly to
+#: another local minimum. Measured: 100 % on AMD EPYC under every MKL_CBWR path and thread
+#: count; 50 % (mixed batch) and 70 % (chunks) before the normal equations were per kernel.
+BATCH_AGREEMENT = 0.98
+
+
 def test_mixed_batch_matches_separate_fits():
     """A kernel's result does not depend on the other kernels of its batch: the shuffled mixed
-    batch gives the same per-kernel outcome as fitting every family's kernels on their own."""
+    batch gives the same per-kernel outcome as fitting every family's kernels on their own, for
+    all but a few kernels whose search rounding sends elsewhere (see BATCH_AGREEMENT)."""
     pf = planted_fit(5, 5, True)
     chosen = pf.fit.select(TAU, mode="compact").codes
+    same, same_choice, detail = [], [], []
     for code in PAPER:
         rows = rows_of(pf, code)
         alone = fit_kernels(pf.noisy[rows], device="cpu")
-        torch.testing.assert_close(alone.residuals, pf.fit.residuals[rows], rtol=0, atol=1e-6)
-        for c in PAPER:
-            torch.testing.assert_close(
-                alone.params[c], pf.fit.params[c][rows], rtol=1e-5, atol=1e-5
-            )
-            torch.testing.assert_close(alone.gain[c], pf.fit.gain[c][rows], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(
-                alone.offset[c], pf.fit.offset[c][rows], rtol=1e-5, atol=1e-6
-            )
-        assert alone.select(TAU, mode="compact").codes == [chosen[i] for i in rows.tolist()]
+        agree = agreeing(alone, rows_result(pf.fit, rows))
+        same.append(agree)
+        picked = alone.select(TAU, mode="compact").codes
+        same_choice += [c == chosen[i] for c, i in zip(picked, rows.tolist(), strict=True)]
+        detail.append(f"{code}: {agree.float().mean():.3f}")
+    rate = torch.cat(same).float().mean().item()
+    assert rate >= BATCH_AGREEMENT, f"{rate:.4f} of kernels agree ({', '.join(detail)})"
+    # The selection only changes where a result did; allowing for that share.
+    assert sum(same_choice) / len(same_choice) >= BATCH_AGREEMENT
 
 
 def test_residuals_match_the_fitted_kernels():
@@ -758,18 +796,18 @@ def test_other_seed_gives_comparable_results():
 
 def test_chunked_and_unchunked_runs_agree():
     """``memory=1`` forces the smallest chunks (256 kernels): 600 kernels in three chunks give
-    the same numbers as one chunk."""
+    the same numbers as one chunk (for all but a few kernels, see BATCH_AGREEMENT)."""
     W = small_planted(5, 5, 100)[0]
     assert len(W) >= 600
     whole = fit_kernels(W, device="cpu")
     sizes = []
     chunked = fit_kernels(W, device="cpu", memory=1, progress=lambda c, n: sizes.append(n))
     assert max(sizes) == 256 and len(sizes) == len(PAPER) * math.ceil(len(W) / 256)
-    torch.testing.assert_close(chunked.residuals, whole.residuals, rtol=0, atol=1e-6)
-    for c in PAPER:
-        torch.testing.assert_close(chunked.params[c], whole.params[c], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(chunked.gain[c], whole.gain[c], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(chunked.offset[c], whole.offset[c], rtol=1e-5, atol=1e-6)
+    assert chunked.families == whole.families
+    rate = agreeing(chunked, whole).float().mean().item()
+    assert rate >= BATCH_AGREEMENT, f"{rate:.4f} of kernels agree"
+    # The criterion can fail: another seed (another dictionary grid) changes nearly every result.
+    assert agreeing(fit_kernels(W, device="cpu", seed=1), whole).float().mean() < 0.1
 
 
 def test_offset_off_gives_zero_offsets():

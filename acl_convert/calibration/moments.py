@@ -22,6 +22,10 @@ from ..fit.metric import channel_blocks
 __all__ = ["Calibration", "LayerMoments", "execution_order"]
 
 
+#: Patches per float64 product when summing the moments.
+_CHUNK = 1 << 14
+
+
 class _Stop(Exception):
     """Raised by the collecting hook: nothing after the layer is needed."""
 
@@ -126,10 +130,19 @@ class Calibration:
         count = 0
         for x in self.batches:
             cols = _patches(model, name, x)  # (G, D + 1, B * L)
-            total.add_((cols @ cols.transpose(1, 2)).double())
-            if reference is not None:
-                ref = _patches(reference, name, x)
-                cross.add_((cols @ ref.transpose(1, 2)).double())
+            ref = None if reference is None else _patches(reference, name, x)
+            # Summed in float64: a float32 product over thousands of patches is off by ~1e-8 of
+            # the largest eigenvalue, more than the smallest eigenvalues of smooth images' patch
+            # moments (3e-12 of the largest on the tests' blurred noise), so S came out
+            # indefinite, the joint re-solve minimised a non-convex quadratic along those
+            # directions, the channel sweeps could raise the output error (1.2 -> 2.7 on a toy
+            # layer), and both followed the CPU's float32 summation order (MKL's differs between
+            # Intel and AMD). Chunks of patches bound the float64 copies.
+            for lo in range(0, cols.shape[2], _CHUNK):
+                part = cols[:, :, lo : lo + _CHUNK].double()
+                total.add_(part @ part.transpose(1, 2))
+                if ref is not None:
+                    cross.add_(part @ ref[:, :, lo : lo + _CHUNK].double().transpose(1, 2))
             count += cols.shape[2]
             if progress is not None:
                 progress(len(x))

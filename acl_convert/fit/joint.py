@@ -34,6 +34,11 @@ __all__ = [
     "SWEEP_LIMIT",
 ]
 
+#: Ridge of :func:`resolve`'s normal equations, relative to their mean diagonal. It costs at
+#: most ``RIDGE * mean(diag) * |c|^2`` of output error (``c`` the unregularised least-squares
+#: coefficients of minimum norm).
+RIDGE = 1e-10
+
 
 def output_errors(
     weight: Tensor,
@@ -201,7 +206,7 @@ class _Linear:
         normal = torch.cat(rows, 0)  # Phi^T S Phi, (m, m)
         rhs = s_phi.T @ target
         # A whisper of ridge: a Mean kernel's gain and a neighbour's offset can be collinear.
-        ridge = 1e-10 * torch.diagonal(normal).mean().clamp_min(1e-30)
+        ridge = RIDGE * torch.diagonal(normal).mean().clamp_min(1e-30)
         coef = torch.linalg.solve(normal + ridge * torch.eye(len(rhs), dtype=torch.float64), rhs)
         n_a, n_o, n_p = len(analytic), len(offs), len(plains) * n
         g_new, o_new = coef[:n_a], coef[n_a : n_a + n_o]

@@ -98,6 +98,22 @@ def _apply_jacobian(jac: Tensor, proj: Tensor | None, offset: bool) -> Tensor:
     return torch.einsum("ntij,njp->ntip", proj, jac)
 
 
+def _normal_equations(jac: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
+    """``J^T J`` ``(N, P, P)`` and ``J^T r`` ``(N, P)`` of every kernel, summed over its channels
+    and pixels (``jac`` ``(N, T, n, P)``, ``resid`` ``(N, T, n)``).
+
+    Written as elementwise products and sums rather than ``einsum`` so that every kernel's numbers
+    depend on its own values only, not on the batch around it: ``einsum`` becomes a batched BLAS
+    product whose summation order may follow the batch's memory layout (``jac`` has stride
+    ``N * n`` along ``P``), and on some CPUs (MKL's default code path on AMD EPYC) it does, so a
+    kernel's float32 rounding, and with it the local search's path, changed with the batch size
+    and with which other kernels were still active. A loop over ``P`` keeps the temporaries the
+    Jacobian's size."""
+    jtj = torch.stack([(jac * jac[..., p, None]).sum((1, 2)) for p in range(jac.shape[-1])], 1)
+    jtr = (jac * resid[..., None]).sum((1, 2))
+    return jtj, jtr
+
+
 def refine(
     family: KernelFamily,
     w: Tensor,
@@ -143,8 +159,7 @@ def refine(
         jac = jac - fa[..., None] * ((fa[..., None] * jac).sum(-2, keepdim=True) / ff)
         jac = -gain[..., None, None] * jac  # (Na, T, n, P)
         resid = wa - gain[..., None] * fa
-        jtj = torch.einsum("ntip,ntiq->npq", jac, jac)
-        jtr = torch.einsum("ntip,nti->np", jac, resid)
+        jtj, jtr = _normal_equations(jac, resid)
         # Marquardt's scaling by diag(J^T J) makes the damping invariant to AKP units; the small
         # identity term keeps flat directions (e.g. a decayed envelope) solvable.
         diag = torch.diagonal(jtj, dim1=1, dim2=2)
