@@ -33,7 +33,7 @@ from .fit import FitResult, fit_kernels
 from .fit.joint import refit_layer
 from .fit.select import Rule, choose, meet_error_bound
 from .fit.threads import fit_threads
-from .io.arch import model_for, parse_arch
+from .io.arch import model_for, parse_arch, recognise
 from .io.checkpoint import load_checkpoint
 from .io.images import list_images, load_batches, preprocessing
 from .network.convs import ConvLayer, conv_layers, select_layers
@@ -83,7 +83,8 @@ def convert_model(
             measures :attr:`Conversion.fidelity` on them.
         arch: the architecture's spec to record in the AnaNN header (see
             :mod:`acl_convert.io.arch`), so that :func:`acl_convert.load_anann` can rebuild the
-            network; None records none (then ``load_anann`` needs ``model=``).
+            network; default: recognised when ``model`` is a torchvision or timm model, else
+            none (then ``load_anann`` needs ``model=``).
         progress: see :data:`ProgressFn`.
         **settings: the CLI's ``convert`` options by their Python names (:class:`Settings`):
             ``threshold``, ``families``, ``offset``, ``target_compact``, ...
@@ -143,7 +144,7 @@ def prepare_model(
         raise UsageError(f"model must be an nn.Module, got {type(model).__name__}")
     state = dict(model.state_dict())
     source = Source(state, None, state_dict_sha256(state))
-    spec = None if arch is None else parse_arch(arch).spec
+    spec = parse_arch(arch).spec if arch is not None else recognise(model)
     return Job.create(source, copy.deepcopy(model), spec, layers, calibration, settings)
 
 

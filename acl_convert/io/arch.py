@@ -50,6 +50,7 @@ __all__ = [
     "detect_arch",
     "check_fits",
     "model_for",
+    "recognise",
 ]
 
 #: Buffers in torchvision models; they are not counted in the published ``num_params``.
@@ -428,6 +429,18 @@ def _timm_module_tops() -> dict[str, frozenset[str]]:
 @functools.cache
 def _timm_signature(name: str) -> Signature:
     return _signature(_build_timm(name, "meta").state_dict())
+
+
+def recognise(model: nn.Module) -> str | None:
+    """The spec of a model built by torchvision or timm (its class's module says which, and
+    its state dict's layout which one), or None for any other network."""
+    module = type(model).__module__
+    if module.startswith("timm."):
+        name = getattr(model, "pretrained_cfg", {}).get("architecture")
+        return f"timm:{name}" if name else None
+    if module.startswith("torchvision.models"):
+        return detect_arch(model.state_dict(), timm_search=False)
+    return None
 
 
 def model_for(
