@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ from .. import kernels
 from ..errors import UserError, option
 from ..network.surgery import set_submodule
 from ..nn.acl import ACL
+from .checkpoint import check_finite, safetensors_bytes
 from .header import FORMAT, FORMAT_VERSION, AnaNNHeader, LayerRecord
 from .outputs import write_atomic
 
@@ -100,13 +100,13 @@ def save_anann(path: str | Path, tensors: Mapping[str, Tensor], header: AnaNNHea
             continue
         # safetensors refuses shared or non-contiguous storage; a state dict often has both.
         data[key] = value.detach().contiguous().clone()
+    check_finite(data, "the AnaNN to write", "it was not written")
     # Whatever version the header was read from, the file is written in this one.
     header = dataclasses.replace(header, format_version=FORMAT_VERSION)
     # Sorted: two identical conversions write identical bytes.
     meta = {"format": FORMAT, _HEADER_KEY: header.to_json()}
-    return write_atomic(
-        path, lambda tmp: safetensors.torch.save_file(dict(sorted(data.items())), str(tmp), meta)
-    )
+    content = safetensors_bytes(dict(sorted(data.items())), meta)
+    return write_atomic(path, lambda tmp: tmp.write_bytes(content))
 
 
 def family_map(record: LayerRecord) -> list[str]:
@@ -165,9 +165,7 @@ def _checked_tensors(tensors: dict[str, Tensor], header: AnaNNHeader) -> dict[st
         else:
             indices = _indices_v1(name, record, layer)
         _check_layer(name, record, layer, indices)
-    for key, value in out.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"tensor {key} has NaN or Inf values; {_FIX}")
+    check_finite(out, "the file", _FIX)
     return out
 
 
