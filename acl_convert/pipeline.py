@@ -40,7 +40,7 @@ from .network.convs import ConvLayer, conv_layers, select_layers
 from .network.surgery import set_submodule
 from .nn.acl import ACL
 from .nn.assignment import Assignment
-from .settings import DEFAULT_THRESHOLD, Settings, check_calibration_limit, check_device
+from .settings import DEFAULT_THRESHOLD, Settings, check_device
 
 __all__ = [
     "convert_model",
@@ -159,6 +159,8 @@ def prepare_checkpoint(
     """The checks and loading of :func:`convert_checkpoint`, without the work: the checkpoint
     and calibration images are read, the architecture found, the layers selected and the
     settings checked (arguments as for :func:`convert_checkpoint`)."""
+    # Every setting is checked before any file is read (with the real image count later).
+    Settings.from_options(settings).resolved(int(calibration is not None))
     files = None
     if isinstance(calibration, (str, os.PathLike)):
         files = _image_files(Path(calibration), settings)  # a wrong folder is found first
@@ -175,8 +177,7 @@ def prepare_checkpoint(
 def _image_files(folder: Path, settings: dict) -> list[Path]:
     """The calibration images of ``folder``, at most ``calibration_limit``. They are loaded in
     batches of 16 (a first conv's input patches are ~0.6 MB per image and position)."""
-    limit = check_calibration_limit(settings.get("calibration_limit", Settings.calibration_limit))
-    return list_images(folder, limit=limit)
+    return list_images(folder, limit=settings.get("calibration_limit", Settings.calibration_limit))
 
 
 def _needs_arch(what: str) -> UsageError:

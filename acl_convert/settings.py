@@ -19,14 +19,7 @@ from . import kernels
 from .errors import UsageError, UserError, option
 from .fit import SELECT_MODES, resolve_device
 
-__all__ = [
-    "Settings",
-    "check_device",
-    "check_calibration_limit",
-    "DEFAULT_THRESHOLD",
-    "MEASURES",
-    "BUDGET_SCOPES",
-]
+__all__ = ["Settings", "check_device", "DEFAULT_THRESHOLD", "MEASURES", "BUDGET_SCOPES"]
 
 #: Default residual threshold. A kernel becomes analytic only when its best family reproduces it
 #: to within 30 % (relative L2); looser thresholds convert more kernels and cost more accuracy
@@ -162,7 +155,11 @@ class Settings:
         _check_number("threshold", self.threshold, 0)
         if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
             raise UsageError(f"{option('sweeps')} must be an integer >= 0, got {self.sweeps!r}")
-        check_calibration_limit(self.calibration_limit)
+        if not isinstance(self.calibration_limit, int) or self.calibration_limit < 1:
+            raise UsageError(
+                f"{option('calibration_limit')} must be an integer >= 1, "
+                f"got {self.calibration_limit!r}"
+            )
         needs = [
             text
             for text, on in (
@@ -183,14 +180,6 @@ class Settings:
             )
         if self.max_output_error is not None and self.fit_to != "output":
             raise UsageError(f"{option('max_output_error')} needs {option('fit_to', 'output')}")
-
-
-def check_calibration_limit(value: object) -> int:
-    """``value`` if it is a valid ``calibration_limit`` (an integer >= 1), else a
-    :class:`UsageError` (checked before any image is read)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{option('calibration_limit')} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _check_number(name: str, value: object, low: float) -> None:

@@ -101,12 +101,37 @@ def save_anann(path: str | Path, tensors: Mapping[str, Tensor], header: AnaNNHea
         # safetensors refuses shared or non-contiguous storage; a state dict often has both.
         data[key] = value.detach().contiguous().clone()
     check_finite(data, "the AnaNN to write", "it was not written")
-    # Whatever version the header was read from, the file is written in this one.
-    header = dataclasses.replace(header, format_version=FORMAT_VERSION)
+    # Whatever version the header was read from, the file is written in this one, and lists
+    # what it holds.
+    manifest = {k: (_dtype_name(v), tuple(v.shape)) for k, v in sorted(data.items())}
+    header = dataclasses.replace(header, format_version=FORMAT_VERSION, tensors=manifest)
     # Sorted: two identical conversions write identical bytes.
     meta = {"format": FORMAT, _HEADER_KEY: header.to_json()}
     content = safetensors_bytes(dict(sorted(data.items())), meta)
     return write_atomic(path, lambda tmp: tmp.write_bytes(content))
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_manifest(tensors: Mapping[str, Tensor], header: AnaNNHeader) -> None:
+    """The file holds exactly the tensors its header lists, each with the listed dtype and
+    shape (files from before the list existed are not checked here)."""
+    if header.tensors is None:
+        return
+    for key, (dtype, shape) in header.tensors.items():
+        value = tensors.get(key)
+        if value is None:
+            raise UserError(f"tensor {key} is missing; {_FIX}")
+        if (_dtype_name(value), tuple(value.shape)) != (dtype, shape):
+            raise UserError(
+                f"tensor {key} is {_dtype_name(value)} {tuple(value.shape)}, the header says "
+                f"{dtype} {shape}; {_FIX}"
+            )
+    extra = sorted(set(tensors) - set(header.tensors))
+    if extra:
+        raise UserError(f"tensor {extra[0]} is not listed in the header; {_FIX}")
 
 
 def family_map(record: LayerRecord) -> list[str]:
@@ -116,10 +141,12 @@ def family_map(record: LayerRecord) -> list[str]:
 
 
 def is_anann(path: str | Path) -> bool:
-    """True when ``path`` is a safetensors file with an acl-convert header."""
+    """True when ``path`` is a safetensors file marked as an AnaNN or holding an acl-convert
+    header (a damaged AnaNN is still one: :func:`read_anann` says what is wrong with it)."""
     try:
         with safetensors.safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
+            meta = f.metadata() or {}
+            return meta.get("format") == FORMAT or _HEADER_KEY in meta
     except Exception:  # not safetensors at all: simply not an AnaNN
         return False
 
@@ -146,6 +173,7 @@ def read_anann(path: str | Path) -> AnaNNFile:
         )
     try:
         header = AnaNNHeader.from_json(meta[_HEADER_KEY])
+        _check_manifest(tensors, header)
         tensors = _checked_tensors(tensors, header)
     except UserError as exc:
         raise UserError(f"{path}: {exc.cli_message()}") from None
