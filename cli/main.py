@@ -104,7 +104,7 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             done = [str(p) for p in written()[before:]]
             said = f"complete before it: {', '.join(done)}" if done else "nothing was written"
-            err.print(Text(f"interrupted; {said}"))
+            err.print(Text(f"interrupted; {said}"), soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper

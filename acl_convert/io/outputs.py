@@ -171,28 +171,34 @@ def _remove_live_and_reraise(signum, frame) -> None:
 
 @contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait until the block ends (main thread, POSIX): a temporary file is
-    never created without being recorded, and files renamed together are renamed together."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-        signal, "pthread_sigmask"
-    ):
+    """SIGINT and SIGTERM wait until the block ends, then act as usual: a temporary file is
+    never created without being recorded, and files renamed together are renamed together.
+    (Python-level handlers, not a signal mask: with torch's worker threads about, the process
+    would take a signal on a thread that does not block it.) SIGTERM, when it acts, removes
+    the recorded temporary files. Main thread only; elsewhere signals are not handled."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _remove_live_and_reraise)
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def _new_temp(path: Path) -> str:
     """A new empty temporary file beside ``path`` (its name ``.<name>.XXXXXXXX.tmp``), recorded
     so that SIGTERM removes it. Call with signals held; raises ``OSError``."""
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _remove_live_and_reraise)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = os.path.abspath(tmp)
     with _LIVE_LOCK:
         _LIVE.add(tmp)
     return tmp
@@ -243,7 +249,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike]):
                 except OSError as exc:
                     raise os_error(exc, final) from None
                 _untrack(tmp)
-                _WRITTEN.append(final)
+                # A file written into another write's temporary file is not one the user sees.
+                if os.path.abspath(final) not in _LIVE:
+                    _WRITTEN.append(final)
     finally:
         for tmp in tmps:
             if tmp in _LIVE:
