@@ -1,4 +1,5 @@
-"""``python -m acl_convert ...`` is ``acl-convert ...``."""
+"""``python -m acl_convert ...`` is ``acl-convert ...`` (the command line is the installed
+``acl_convert_cli`` package)."""
 
 from acl_convert_cli.main import run
 

@@ -11,9 +11,11 @@ their own way: ``target_compact`` / ``force=True`` from Python, ``--target-compa
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
-__all__ = ["UserError", "UsageError", "Note", "note", "option"]
+__all__ = ["UserError", "UsageError", "Note", "note", "option", "os_error"]
 
 # An option inside a message: name, then optionally "=" and the value, between two separators
 # that never occur in text.
@@ -77,3 +79,29 @@ class Note(str):
 def note(text: str) -> Note:
     """A :class:`Note` from a message whose settings are named with :func:`option`."""
     return Note(_OPTION.sub(_python, text), _OPTION.sub(_flag, text))
+
+
+_OS_FIX = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EACCES: "check the permissions or choose another location",
+    errno.EPERM: "check the permissions or choose another location",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EMFILE: "close other programs or raise the open-file limit",
+}
+
+
+def os_error(
+    exc: OSError, path: str | os.PathLike | None = None, doing: str = "write"
+) -> UserError:
+    """The one place an ``OSError`` becomes a message: ``cannot <doing> <path> (<reason>);
+    <fix>``. ``path`` defaults to the file the error names."""
+    path = path if path is not None else exc.filename
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = _OS_FIX.get(exc.errno, "check the file and its folder")
+    where = f" {os.fsdecode(path)}" if path is not None else ""
+    return UserError(f"cannot {doing}{where} ({reason}); {fix}")

@@ -34,7 +34,7 @@ from .fit.joint import refit_layer
 from .fit.select import Rule, choose, meet_error_bound
 from .fit.threads import fit_threads
 from .io.arch import model_for, parse_arch, recognise
-from .io.checkpoint import load_checkpoint
+from .io.checkpoint import check_finite, load_checkpoint
 from .io.images import list_images, load_batches, preprocessing
 from .network.convs import ConvLayer, conv_layers, select_layers
 from .network.surgery import set_submodule
@@ -160,6 +160,8 @@ def prepare_checkpoint(
     """The checks and loading of :func:`convert_checkpoint`, without the work: the checkpoint
     and calibration images are read, the architecture found, the layers selected and the
     settings checked (arguments as for :func:`convert_checkpoint`)."""
+    # Every setting is checked before any file is read (with the real image count later).
+    Settings.from_options(settings).resolved(int(calibration is not None))
     files = None
     if isinstance(calibration, (str, os.PathLike)):
         files = _image_files(Path(calibration), settings)  # a wrong folder is found first
@@ -176,8 +178,7 @@ def prepare_checkpoint(
 def _image_files(folder: Path, settings: dict) -> list[Path]:
     """The calibration images of ``folder``, at most ``calibration_limit``. They are loaded in
     batches of 16 (a first conv's input patches are ~0.6 MB per image and position)."""
-    limit = settings.get("calibration_limit", Settings.calibration_limit)
-    return list_images(folder, limit=limit if isinstance(limit, int) and limit > 0 else None)
+    return list_images(folder, limit=settings.get("calibration_limit", Settings.calibration_limit))
 
 
 def _needs_arch(what: str) -> UsageError:
@@ -222,6 +223,11 @@ class Job:
         selectors = [layers] if isinstance(layers, str) else list(layers)
         chosen = select_layers(selectors, convs, source.state_dict, on_note=notes.append)
         _check_finite(source.state_dict, chosen)
+        if settings.threshold >= 1 and not settings.budget:
+            notes.append(
+                f"threshold {settings.threshold:g} >= 1 accepts every fit (a kernel's relative "
+                "residual is at most 1): every kernel becomes analytic, however poorly it fits"
+            )
         return cls(source, model, arch, chosen, settings, calib, notes)
 
     def run(self, progress: ProgressFn | None = None) -> Conversion:
@@ -285,6 +291,8 @@ def _check_finite(state_dict: dict[str, Tensor], layers: Sequence[ConvLayer]) ->
                 f"layer {lay.name} has NaN or Inf weights in {bad} output channel(s); repair the "
                 "checkpoint or leave the layer out of the selected layers"
             )
+    # The AnaNN keeps every other tensor as it is, and no reader accepts NaN or Inf.
+    check_finite(state_dict, "the network", "repair the checkpoint; the AnaNN would keep them")
 
 
 def _rule(settings: Settings) -> Rule:

@@ -4,8 +4,12 @@
 when the first word is not a subcommand, ``convert`` is implied.
 
 Output discipline: tables (the report) go to stdout; progress bars, notes and errors go to
-stderr, so ``acl-convert ... > report.txt`` captures only the report. User errors print one
-line and exit 2 (usage) or 1 (everything else); ``--debug`` shows tracebacks.
+stderr, so ``acl-convert ... > report.txt`` captures only the report. User errors and
+``OSError``s print one line and exit 2 (usage) or 1 (everything else); ``--debug`` shows
+tracebacks. Python warnings are notes (silenced by ``--quiet``).
+
+Printing: neither console parses rich markup, so a name with brackets in it (``a[/]b``,
+``model[v1].pth``) is printed as it is; styles are given as ``Text`` styles, never as markup.
 """
 
 from __future__ import annotations
@@ -13,26 +17,27 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
 import acl_convert
-from acl_convert.errors import UsageError, UserError
+from acl_convert.errors import UsageError, UserError, os_error
+from acl_convert.io.outputs import written
 from acl_convert.report.terminal import print_report
 from acl_convert.settings import check_device
 
 _GROUP_OPTIONS = {"--help", "-h", "--version", "--install-completion", "--show-completion"}
 
 # A pipe has no width; wrapping table cells at rich's default of 80 would split numbers.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err = Console(stderr=True, markup=False)
 
 
 class _DefaultConvert(TyperGroup):
@@ -80,18 +85,27 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False)
+        debug, quiet = kwargs.get("debug", False), kwargs.get("quiet", False)
+        before = len(written())
         try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
+            with warnings.catch_warnings():
+                warnings.showwarning = lambda message, *_, **__: _note(quiet, f"warning: {message}")
+                return fn(*args, **kwargs)
+        except (UserError, OSError) as exc:
             if debug:
                 raise
+            if isinstance(exc, OSError):
+                exc = os_error(exc, doing="use")
             err.print(
-                f"[bold red]error:[/] {escape(exc.cli_message())}", highlight=False, soft_wrap=True
+                Text.assemble(("error:", "bold red"), " ", exc.cli_message()),
+                highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written")
+            done = [str(p) for p in written()[before:]]
+            said = f"complete before it: {', '.join(done)}" if done else "nothing was written"
+            err.print(Text(f"interrupted; {said}"), soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -123,7 +137,7 @@ TrustCodeOpt = typer.Option(
 
 def _progress(quiet: bool) -> Progress:
     return Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -372,7 +386,7 @@ def _conversion_progress(bar: Progress):
     def on_progress(task: str, done: int, total: int) -> None:
         if task not in tasks:
             label = task if task.startswith("inputs") else f"fit {task}"
-            tasks[task] = bar.add_task(escape(label), total=total)
+            tasks[task] = bar.add_task(label, total=total)
         bar.advance(tasks[task], done)
 
     return on_progress
@@ -677,6 +691,7 @@ def evaluate_cmd(
             dataset.batches(transform, batch_size),
             reference=reference,
             progress=lambda n: bar.advance(task, n),
+            names=(str(model), str(compare)),
         )
     if as_json:
         doc = {
@@ -709,20 +724,18 @@ def _print_evaluation(result: dict, model_path: Path, compare: Path | None, data
     def pct(x: float) -> str:
         return f"{100 * x:.1f} %"
 
-    table = Table(
-        title=f"accuracy on {result['images']} images of {escape(data)}", title_justify="left"
-    )
+    table = Table(title=f"accuracy on {result['images']} images of {data}", title_justify="left")
     columns = ["model", "images", "top-1", "top-5"]
     if compare is not None:
         columns += ["top-1 agreement", "logits rel. error"]
     for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
-    row = [escape(model_path.name), str(result["images"]), pct(result["top1"]), pct(result["top5"])]
+    row = [model_path.name, str(result["images"]), pct(result["top1"]), pct(result["top5"])]
     if compare is not None:
         ref = result["reference"]
         table.add_row(*row, pct(result["agreement"]), f"{result['logits_rel_error']:.3g}")
         table.add_row(
-            escape(f"{compare.name} (reference)"),
+            f"{compare.name} (reference)",
             str(result["images"]),
             pct(ref["top1"]),
             pct(ref["top5"]),
@@ -823,10 +836,10 @@ def finetune_cmd(
     output = output or default_output(anann, ".ft.anann.safetensors")
     if resume:
         require_state(state_path(output))  # before the networks are loaded
-    else:
-        plan = OutputPlan(force=force, inputs=[p for p in (anann, teacher) if p is not None])
-        plan.add(output, "the fine-tuned AnaNN")
-        plan.add(state_path(output), "the training state")
+    # Resuming replaces the files of the interrupted run.
+    plan = OutputPlan(force=force or resume, inputs=[p for p in (anann, teacher) if p])
+    plan.add(output, "the fine-tuned AnaNN")
+    plan.add(state_path(output), "the training state")
     header = read_anann(anann).header
     student, arch = _load_network(anann, arch, trust_pickle, trust_code, quiet)
     transform = preprocessing(arch, student)
@@ -892,3 +905,7 @@ def finetune_cmd(
 def run() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    run()

@@ -531,18 +531,18 @@ def test_unwritable_output_folder_by_mode(invoke, tiny, work, files_in):
 
 def test_unwritable_output_folder(invoke, tiny, work, files_in, monkeypatch):
     """An output folder the user may not write to. Under root (CI containers) a mode of 0500
-    does not stop writing, so the permission check is told the folder is read-only; the mode
+    does not stop writing, so the folder refuses the trial file the planner creates; the mode
     test above covers real permissions for other users."""
     locked = work / "locked"
     locked.mkdir()
-    real_access = os.access
+    real_mkstemp = files_module.tempfile.mkstemp
 
-    def access(path, mode, *args, **kwargs):
-        if Path(path).resolve() == locked.resolve() and mode & os.W_OK:
-            return False
-        return real_access(path, mode, *args, **kwargs)
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(files_module.os, "access", access)
+    monkeypatch.setattr(files_module.tempfile, "mkstemp", mkstemp)
     result = invoke(tiny, "--layers", "conv1", "-q", "-o", locked / "net.anann.safetensors")
     assert_quiet_error(result, 1, "locked", "not writable", "choose another output")
     assert files_in(work) == {"tiny.pth", "locked"}

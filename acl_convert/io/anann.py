@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ from .. import kernels
 from ..errors import UserError, option
 from ..network.surgery import set_submodule
 from ..nn.acl import ACL
+from .checkpoint import check_finite, safetensors_bytes
 from .header import FORMAT, FORMAT_VERSION, AnaNNHeader, LayerRecord
 from .outputs import write_atomic
 
@@ -100,13 +100,38 @@ def save_anann(path: str | Path, tensors: Mapping[str, Tensor], header: AnaNNHea
             continue
         # safetensors refuses shared or non-contiguous storage; a state dict often has both.
         data[key] = value.detach().contiguous().clone()
-    # Whatever version the header was read from, the file is written in this one.
-    header = dataclasses.replace(header, format_version=FORMAT_VERSION)
+    check_finite(data, "the AnaNN to write", "it was not written")
+    # Whatever version the header was read from, the file is written in this one, and lists
+    # what it holds.
+    manifest = {k: (_dtype_name(v), tuple(v.shape)) for k, v in sorted(data.items())}
+    header = dataclasses.replace(header, format_version=FORMAT_VERSION, tensors=manifest)
     # Sorted: two identical conversions write identical bytes.
     meta = {"format": FORMAT, _HEADER_KEY: header.to_json()}
-    return write_atomic(
-        path, lambda tmp: safetensors.torch.save_file(dict(sorted(data.items())), str(tmp), meta)
-    )
+    content = safetensors_bytes(dict(sorted(data.items())), meta)
+    return write_atomic(path, lambda tmp: tmp.write_bytes(content))
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_manifest(tensors: Mapping[str, Tensor], header: AnaNNHeader) -> None:
+    """The file holds exactly the tensors its header lists, each with the listed dtype and
+    shape (files from before the list existed are not checked here)."""
+    if header.tensors is None:
+        return
+    for key, (dtype, shape) in header.tensors.items():
+        value = tensors.get(key)
+        if value is None:
+            raise UserError(f"tensor {key} is missing; {_FIX}")
+        if (_dtype_name(value), tuple(value.shape)) != (dtype, shape):
+            raise UserError(
+                f"tensor {key} is {_dtype_name(value)} {tuple(value.shape)}, the header says "
+                f"{dtype} {shape}; {_FIX}"
+            )
+    extra = sorted(set(tensors) - set(header.tensors))
+    if extra:
+        raise UserError(f"tensor {extra[0]} is not listed in the header; {_FIX}")
 
 
 def family_map(record: LayerRecord) -> list[str]:
@@ -116,10 +141,12 @@ def family_map(record: LayerRecord) -> list[str]:
 
 
 def is_anann(path: str | Path) -> bool:
-    """True when ``path`` is a safetensors file with an acl-convert header."""
+    """True when ``path`` is a safetensors file marked as an AnaNN or holding an acl-convert
+    header (a damaged AnaNN is still one: :func:`read_anann` says what is wrong with it)."""
     try:
         with safetensors.safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
+            meta = f.metadata() or {}
+            return meta.get("format") == FORMAT or _HEADER_KEY in meta
     except Exception:  # not safetensors at all: simply not an AnaNN
         return False
 
@@ -146,6 +173,7 @@ def read_anann(path: str | Path) -> AnaNNFile:
         )
     try:
         header = AnaNNHeader.from_json(meta[_HEADER_KEY])
+        _check_manifest(tensors, header)
         tensors = _checked_tensors(tensors, header)
     except UserError as exc:
         raise UserError(f"{path}: {exc.cli_message()}") from None
@@ -165,10 +193,20 @@ def _checked_tensors(tensors: dict[str, Tensor], header: AnaNNHeader) -> dict[st
         else:
             indices = _indices_v1(name, record, layer)
         _check_layer(name, record, layer, indices)
-    for key, value in out.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"tensor {key} has NaN or Inf values; {_FIX}")
+    check_finite(out, "the file", _FIX)
+    _check_akp_range(header, tensors)
     return out
+
+
+def _check_akp_range(header: AnaNNHeader, tensors: dict[str, Tensor]) -> None:
+    """Stored AKPs are unconstrained (a positive AKP as its logarithm): finite there, they may
+    still overflow in the paper's units (``exp(1000)``), which no conversion writes."""
+    for name in header.layers:
+        for key, value in _layer_tensors(tensors, name).items():
+            if key.startswith("akp."):
+                fam = kernels.get(key[len("akp.") :])
+                if not bool(torch.isfinite(fam.from_unconstrained(value.double())).all()):
+                    raise UserError(f"tensor {name}.{key} holds AKPs out of range; {_FIX}")
 
 
 def _indices_from_map(name: str, record: LayerRecord, layer: dict) -> dict[str, Tensor]:

@@ -36,6 +36,8 @@ __all__ = [
     "Checkpoint",
     "load_checkpoint",
     "save_state_dict",
+    "safetensors_bytes",
+    "check_finite",
     "sha256_file",
     "WRAPPER_KEYS",
     "PREFIXES",
@@ -161,21 +163,56 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> C
 def save_state_dict(path: str | os.PathLike, state: dict[str, Tensor]) -> Path:
     """Write a plain state dict atomically: ``.safetensors`` by suffix, else ``torch.save``'s
     format. The same tensors always give the same bytes (keys sorted; torch's archive is
-    written through a file object, so no temporary file name ends up inside it)."""
+    written through a file object, so no temporary file name ends up inside it). Refuses
+    NaN and Inf values."""
     from .outputs import write_atomic
 
     path = Path(path)
+    check_finite(state, "the state dict to write", "nothing was written")
     data = {k: state[k].detach().contiguous() for k in sorted(state)}
     if path.suffix == ".safetensors":
-        import safetensors.torch
-
-        return write_atomic(path, lambda tmp: safetensors.torch.save_file(data, str(tmp)))
+        return write_atomic(path, lambda tmp: tmp.write_bytes(safetensors_bytes(data)))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(data, f)
 
     return write_atomic(path, write)
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None):
+    """A safetensors file's bytes, the same for the same tensors and metadata. (The safetensors
+    library writes metadata keys in a random order per process, so its header is rewritten
+    with sorted keys; tensor entries and data stay as written.)"""
+    import json
+    import struct
+
+    import safetensors.torch
+
+    raw = safetensors.torch.save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns tensor data to 8 bytes
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+
+def check_finite(state: Mapping[str, Tensor], what: str, fix: str) -> None:
+    """Raise a one-line :class:`UserError` when a floating-point (or complex) tensor of
+    ``state`` holds NaN or Inf: ``<what> has NaN or Inf values in <key> (and N more); <fix>``."""
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, Tensor)
+        and (v.is_floating_point() or v.is_complex())
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise UserError(f"{what} has NaN or Inf values in {bad[0]}{more}; {fix}")
 
 
 def _read_head(path: Path) -> tuple[bytes, int]:

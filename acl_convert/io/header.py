@@ -206,6 +206,9 @@ class AnaNNHeader:
         settings: the conversion settings, as used.
         layers: per converted layer, in network order.
         extra: other recorded sections by name (e.g. ``finetune``), kept as they are.
+        tensors: every tensor the file holds, name -> (dtype name, shape), filled in when the
+            file is written (:func:`acl_convert.io.anann.save_anann`); the reader refuses a
+            file whose tensors differ. None for files written before the field existed.
     """
 
     source_file: str | None
@@ -218,6 +221,7 @@ class AnaNNHeader:
     torch_version: str = field(default_factory=lambda: torch.__version__)
     python_version: str = field(default_factory=platform.python_version)
     extra: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None
 
     def to_json(self) -> str:
         doc = {
@@ -233,6 +237,11 @@ class AnaNNHeader:
             "layers": {name: rec.to_json() for name, rec in self.layers.items()},
             **self.extra,
         }
+        if self.tensors is not None:
+            doc["tensors"] = {
+                k: {"dtype": dtype, "shape": list(shape)}
+                for k, (dtype, shape) in self.tensors.items()
+            }
         # Sorted keys: two identical conversions write identical bytes.
         return json.dumps(doc, sort_keys=True)
 
@@ -263,7 +272,7 @@ class AnaNNHeader:
         source = r.obj("source")
         layers = r.obj("layers")
         known = {"format", "format_version", "tool", "tool_version", "torch_version"}
-        known |= {"python_version", "source", "arch", "settings", "layers"}
+        known |= {"python_version", "source", "arch", "settings", "layers", "tensors"}
         return cls(
             source_file=source.str("file", optional=True),
             source_sha256=source.str("sha256", optional=True),
@@ -275,6 +284,7 @@ class AnaNNHeader:
             torch_version=r.str("torch_version", optional=True) or "?",
             python_version=r.str("python_version", optional=True) or "?",
             extra={k: v for k, v in r.data.items() if k not in known},
+            tensors=_manifest(r.obj("tensors", optional=True)),
         )
 
     def layer(self, name: str) -> LayerRecord:
@@ -283,6 +293,19 @@ class AnaNNHeader:
     def __getitem__(self, key: str) -> Any:
         """Dict-style access to the JSON fields (``header["arch"]``), as older code read it."""
         return json.loads(self.to_json())[key]
+
+
+def _manifest(r: _Reader | None) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    if r is None:
+        return None
+    out = {}
+    for key in r.data:
+        entry = r.obj(key)
+        shape = entry.data.get("shape")
+        if not isinstance(shape, list):
+            raise _bad(f"{entry.where}.shape", "must be a list of integers >= 0", shape)
+        out[key] = (entry.str("dtype"), entry.ints("shape", len(shape), 0))
+    return out
 
 
 def _check_depth(data: object, depth: int = 0) -> None:

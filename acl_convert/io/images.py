@@ -87,12 +87,20 @@ def imagenet_transform() -> Callable:
 
 
 def load_image(path: Path, transform: Callable) -> Tensor:
+    """One image through ``transform``. An unreadable, damaged or oversized image (more pixels
+    than PIL's ``Image.MAX_IMAGE_PIXELS`` guard allows: a decompression bomb) is a
+    :class:`UserError` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             return transform(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"image {path} has more pixels than is safe to decode (over "
+            f"{2 * Image.MAX_IMAGE_PIXELS:,}; a decompression bomb?); remove or shrink it"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(
             f"cannot read image {path} ({type(exc).__name__}); remove or replace it"
         ) from None

@@ -9,7 +9,7 @@ from torch import nn
 
 from .anann import is_anann, load_anann, read_anann
 from .arch import model_for, parse_arch
-from .checkpoint import load_checkpoint
+from .checkpoint import check_finite, load_checkpoint
 
 __all__ = ["load_network"]
 
@@ -42,6 +42,7 @@ def load_network(
             notes.append(f"architecture recorded in the AnaNN: {recorded}")
         return load_anann(ana, arch=arch, trust_code=trust_code), spec
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+    check_finite(ckpt.state_dict, str(path), "repair or re-download it")
     notes.extend(ckpt.notes())
     spec, model = model_for(ckpt.state_dict, arch, notes, required=True, what=str(path))
     return model, spec

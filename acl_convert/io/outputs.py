@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UsageError, UserError, option
+from ..errors import UsageError, UserError, option, os_error
 
 __all__ = [
     "OutputPlan",
@@ -26,7 +27,9 @@ __all__ = [
     "sibling",
     "check_writable",
     "atomic_path",
+    "atomic_paths",
     "write_atomic",
+    "written",
     "os_error",
 ]
 
@@ -87,48 +90,75 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+#: How much longer than the final name a temporary file's name is (see :func:`_new_temp`).
+_TEMP_EXTRA = len("..") + 8 + len(".tmp")
+
+
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     """Refuse to overwrite ``path`` unless ``force``, and refuse what a file cannot replace
-    safely (a folder, a device, a symbolic link); check the name fits the file system and its
-    folder exists and is writable. Call this for every output before any long work starts."""
+    safely (a folder, a device, a symbolic link); check the name fits the file system, and that
+    its folder exists and takes a new file (by creating and removing one: permission bits alone
+    do not tell, e.g. under ``/proc`` or on a read-only mount). Call this for every output
+    before any long work starts."""
     path = Path(path)
-    if path.is_symlink():
+    folder = path.parent
+    try:
+        limit = os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + _TEMP_EXTRA > limit:
         raise UsageError(
-            f"{path} is a symbolic link; writing would replace the link by a file: give the "
-            "file it points to, or another name"
+            f"output name {path.name[:40]}... is too long for the file system "
+            f"({size} bytes, at most {limit - _TEMP_EXTRA}); choose a shorter one"
         )
-    if path.exists():
-        if path.is_dir():
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # the folder is checked below
+        st = None
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(
+                f"{path} is a symbolic link; writing would replace the link by a file: give the "
+                "file it points to, or another name"
+            )
+        if stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{path} is a folder; give a file name")
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{path} is not a regular file (a device or pipe); give a file name")
         if not force:
             raise UsageError(
                 f"{path} already exists; pass {option('force', True)} to overwrite it or "
                 "choose another output name"
             )
-    folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(
             f"output folder {folder} does not exist; create it or choose another output"
         )
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    # The temporary file's name is longer than the final one (see atomic_path).
-    if len(os.fsencode(path.name)) + 16 > limit:
-        raise UsageError(
-            f"output name {path.name[:40]}... is too long for the file system "
-            f"({len(os.fsencode(path.name))} bytes, at most {limit - 16}); choose a shorter one"
-        )
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable; choose another output")
+    with _signals_held():
+        try:
+            tmp = _new_temp(path)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise UserError(
+                f"output folder {folder} is not writable ({reason}); choose another output"
+            ) from None
+        Path(tmp).unlink(missing_ok=True)
+        _untrack(tmp)
     return path
 
 
 _LIVE: set[str] = set()
 _LIVE_LOCK = threading.Lock()
+_WRITTEN: list[Path] = []
+
+
+def written() -> list[Path]:
+    """Every file this process has written through :func:`atomic_path`, in order (a command
+    that is interrupted says which of its outputs are complete)."""
+    return list(_WRITTEN)
 
 
 def _remove_live_and_reraise(signum, frame) -> None:
@@ -140,43 +170,38 @@ def _remove_live_and_reraise(signum, frame) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` in one
-    step (with the mode of the file it replaces, or that of a new file), on any error it is
-    removed; SIGTERM removes it too before the process ends. Readers never see a partial file."""
-    path = Path(path)
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block ends, then act as usual: a temporary file is
+    never created without being recorded, and files renamed together are renamed together.
+    (Python-level handlers, not a signal mask: with torch's worker threads about, the process
+    would take a signal on a thread that does not block it.) SIGTERM, when it acts, removes
+    the recorded temporary files. Main thread only; elsewhere signals are not handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _remove_live_and_reraise)
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
-        old_mode = path.stat().st_mode & 0o7777 if path.is_file() else None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    except OSError as exc:
-        raise os_error(exc, path) from None
-    os.close(fd)
-    _track(tmp)
-    try:
-        yield Path(tmp)
-        if old_mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            old_mode = 0o666 & ~umask
-        # mkstemp made the file 0600 (writers may also recreate it).
-        os.chmod(tmp, old_mode)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise os_error(exc, path) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
     finally:
-        _untrack(tmp)
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
-def _track(tmp: str) -> None:
+def _new_temp(path: Path) -> str:
+    """A new empty temporary file beside ``path`` (its name ``.<name>.XXXXXXXX.tmp``), recorded
+    so that SIGTERM removes it. Call with signals held; raises ``OSError``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = os.path.abspath(tmp)
     with _LIVE_LOCK:
         _LIVE.add(tmp)
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _remove_live_and_reraise)
+    return tmp
 
 
 def _untrack(tmp: str) -> None:
@@ -184,24 +209,66 @@ def _untrack(tmp: str) -> None:
         _LIVE.discard(tmp)
 
 
+def _new_mode(path: Path) -> int:
+    """The mode of the file ``path`` replaces, or that of a new file (0666 less the umask)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_mode & 0o7777
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]):
+    """Yield one temporary path beside each of ``paths``; when the block succeeds, each is
+    renamed onto its final name (with the mode of the file it replaces, or that of a new file),
+    all in one go with SIGINT and SIGTERM held, so that an interrupt replaces all of them or
+    none. On any error or interrupt inside the block every temporary file is removed (SIGTERM
+    too, by a handler). Readers never see a partial file."""
+    finals = [Path(p) for p in paths]
+    tmps: list[str] = []
+    try:
+        for final in finals:
+            with _signals_held():
+                try:
+                    tmps.append(_new_temp(final))
+                except OSError as exc:
+                    raise os_error(exc, final) from None
+        yield [Path(t) for t in tmps]
+        with _signals_held():
+            modes = [_new_mode(final) for final in finals]
+            for tmp, final, mode in zip(tmps, finals, modes, strict=True):
+                try:
+                    # mkstemp made the file 0600 (and writers may have recreated it).
+                    os.chmod(tmp, mode)
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    raise os_error(exc, final) from None
+                _untrack(tmp)
+                # A file written into another write's temporary file is not one the user sees.
+                if os.path.abspath(final) not in _LIVE:
+                    _WRITTEN.append(final)
+    finally:
+        for tmp in tmps:
+            if tmp in _LIVE:
+                Path(tmp).unlink(missing_ok=True)
+                _untrack(tmp)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """One file of :func:`atomic_paths`: yield a temporary path next to ``path``, renamed onto
+    it when the block succeeds and removed on any error or interrupt."""
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """``write(tmp_path)`` then rename onto ``path`` (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         write(tmp)
     return Path(path)
-
-
-def os_error(exc: OSError, path: str | os.PathLike) -> UserError:
-    """One line for an ``OSError`` met while writing ``path``: what happened and what to do."""
-    import errno
-
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    fix = {
-        errno.ENOSPC: "free some space or write elsewhere",
-        errno.EDQUOT: "free some space or write elsewhere",
-        errno.EACCES: "choose a writable location",
-        errno.EPERM: "choose a writable location",
-        errno.EROFS: "the file system is read-only; write elsewhere",
-        errno.ENAMETOOLONG: "choose a shorter name",
-    }.get(exc.errno, "check the output location")
-    return UserError(f"cannot write {path} ({reason}); {fix}")

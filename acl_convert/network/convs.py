@@ -3,7 +3,8 @@
 A convolution is found by its 4-D ``<module>.weight`` tensor of shape ``(Co, Ci/groups, h, w)``;
 with a model (the architecture is known) only modules that are ``nn.Conv2d`` count, and their
 hyper-parameters come along. Only kernels of at least 2x2 can be fitted: a 1x1 kernel is a single
-number, there is no function of x and y to recover from it.
+number, there is no function of x and y to recover from it; a convolution with no kernels at all
+(a zero-size weight) has nothing to fit either.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _SEE = "see `acl-convert layers CHECKPOINT`"
+_NOTHING_TO_FIT = "with nothing to fit (kernels smaller than 2x2, or none)"
 _GLOB_CHARS = "*?["
 
 #: CPU fitting cost, in seconds per kernel, per family and per kernel pixel (h*w). Measured with
@@ -120,9 +122,10 @@ def conv_layers(
 
 
 def eligible(layer: ConvLayer) -> bool:
-    """True when the kernels are at least 2x2, i.e. there is a spatial pattern to fit."""
+    """True when the layer has kernels and they are at least 2x2, i.e. there is a spatial
+    pattern to fit."""
     h, w = layer.kernel_size
-    return h >= 2 and w >= 2
+    return h >= 2 and w >= 2 and layer.num_kernels > 0
 
 
 def select_layers(
@@ -191,7 +194,7 @@ def _select_one(
         if len(good) < len(layers):
             note(
                 f"--layers all: skipped {len(layers) - len(good)} of {len(layers)} "
-                "convolutions whose kernels are smaller than 2x2"
+                f"convolutions {_NOTHING_TO_FIT}"
             )
         return good
     name = sel[: -len(".weight")] if sel.endswith(".weight") else sel
@@ -210,7 +213,7 @@ def _select_one(
         if len(picked) < len(matched):
             note(
                 f"--layers {sel!r}: skipped {len(matched) - len(picked)} of {len(matched)} "
-                "matching convolutions whose kernels are smaller than 2x2"
+                f"matching convolutions {_NOTHING_TO_FIT}"
             )
         return picked
     by_name = {layer.name: layer for layer in layers}
@@ -219,6 +222,11 @@ def _select_one(
         if eligible(layer):
             return [layer]
         h, w = layer.kernel_size
+        if layer.num_kernels == 0 or h == 0 or w == 0:
+            raise UsageError(
+                f"layer {name} has no kernels (its weight has shape {layer.shape}); there is "
+                f"nothing to fit; select another layer ({_SEE})"
+            )
         if (h, w) == (1, 1):
             raise UsageError(
                 f"layer {name} is a 1x1 convolution; there is nothing to fit in a "

@@ -986,7 +986,7 @@ def picture_path(base: str | os.PathLike, layer_name: str, n_layers: int) -> Pat
     base = Path(base)
     if as_folder:
         base.mkdir(parents=True, exist_ok=True)
-    if base.is_dir():
+    if os.path.isdir(base):  # False for a name too long to look up: the output plan says so
         return base / f"{_safe_name(layer_name)}.png"
     if n_layers == 1:
         return base

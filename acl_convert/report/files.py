@@ -1,22 +1,21 @@
 """Writing a conversion's files together: the AnaNN, the JSON report, the kernel pictures and the
 HTML page, all or none.
 
-Every file goes to a temporary name beside its final one first, and all are renamed at the end
-(:func:`acl_convert.io.outputs.atomic_path`), so an error or an interrupt leaves nothing
-half-written. The paths are checked beforehand by the caller (:class:`~acl_convert.io.outputs.
-OutputPlan`), before any long work.
+Every file goes to a temporary name beside its final one first, and all are renamed together at
+the end with SIGINT and SIGTERM held (:func:`acl_convert.io.outputs.atomic_paths`), so an error
+or an interrupt leaves the old files or all the new ones, nothing half-written. The caller checks
+the paths beforehand (:class:`~acl_convert.io.outputs.OutputPlan`), before any long work.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..io.anann import save_anann
-from ..io.outputs import atomic_path
+from ..io.outputs import atomic_paths
 
 if TYPE_CHECKING:
     from ..conversion import Conversion
@@ -52,27 +51,22 @@ def write_conversion(
     """
     pictures = dict(pictures or {})
     doc = conversion.report if doc is None else doc
-    written = [Path(anann), Path(report)]
-    with ExitStack() as stack:
-        save_anann(
-            stack.enter_context(atomic_path(anann)), conversion.tensors(), conversion.header()
-        )
-        stack.enter_context(atomic_path(report)).write_text(json.dumps(doc, indent=1))
+    finals = [Path(anann), Path(report), *map(Path, pictures.values())]
+    finals += [Path(html)] if html is not None else []
+    with atomic_paths(finals) as tmps:
+        save_anann(tmps[0], conversion.tensors(), conversion.header())
+        tmps[1].write_text(json.dumps(doc, indent=1))
         if pictures or html is not None:
             # matplotlib only when a picture is asked for.
             from .pictures import PictureOptions, html_report, layer_mosaic, to_png
 
             options = options or PictureOptions()
             state = conversion.source.state_dict
+            tmp_of = dict(zip(pictures, tmps[2:], strict=False))
             for res in conversion.layers:
-                if res.layer.name in pictures:
+                if res.layer.name in tmp_of:
                     png = to_png(layer_mosaic(res, state, **options.mosaic))
-                    path = pictures[res.layer.name]
-                    stack.enter_context(atomic_path(path)).write_bytes(png)
-                    written.append(Path(path))
+                    tmp_of[res.layer.name].write_bytes(png)
             if html is not None:
-                stack.enter_context(atomic_path(html)).write_text(
-                    html_report(conversion, options=options), encoding="utf-8"
-                )
-                written.append(Path(html))
-    return written
+                tmps[-1].write_text(html_report(conversion, options=options), encoding="utf-8")
+    return finals

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = ["evaluate", "num_outputs"]
 
 
@@ -28,6 +30,7 @@ def evaluate(
     reference: nn.Module | None = None,
     topk: Sequence[int] = (1, 5),
     progress: Callable[[int], None] | None = None,
+    names: Sequence[str] = ("the model", "the reference"),
 ) -> dict[str, Any]:
     """Top-k accuracy of ``model`` and, with a ``reference``, how closely the two agree.
 
@@ -39,6 +42,7 @@ def evaluate(
         reference: a second classifier with the same ``C`` outputs, run on the same images.
         topk: the ``k`` of the accuracies to report (clipped to ``C``).
         progress: called with the number of images of each finished batch.
+        names: how messages call ``model`` and ``reference`` (e.g. their file names).
 
     Returns:
         ``images``: how many; ``top{k}`` per ``k``: fraction (0..1) of images whose label is among
@@ -46,6 +50,10 @@ def evaluate(
         ``top{k}``; ``agreement``: fraction of images where both models' top-1 classes agree;
         ``logits_rel_error``: ``||z - z_ref|| / ||z_ref||`` over all logits (0 when
         ``z_ref`` is all zero).
+
+    Raises:
+        UserError: a model's logits hold NaN or Inf (broken weights or batch-norm statistics):
+            no accuracy of such a model means anything.
     """
     models = {"model": model} if reference is None else {"model": model, "reference": reference}
     for m in models.values():
@@ -54,9 +62,16 @@ def evaluate(
     images = agree = 0
     # Sums of squares in float64, so the relative error needs no logits kept across batches.
     err2 = ref2 = 0.0
+    said = dict(zip(("model", "reference"), names, strict=True))
     for x, labels in batches:
         logits = {name: m(x.to(_device(m))).cpu() for name, m in models.items()}
         for name, z in logits.items():
+            if not bool(torch.isfinite(z).all()):
+                raise UserError(
+                    f"{said[name]} gives NaN or Inf logits on images {images + 1}.."
+                    f"{images + len(labels)}; its weights or batch-norm statistics are broken: "
+                    "repair the checkpoint (no accuracy of it would mean anything)"
+                )
             for k in topk:
                 hits = z.topk(min(k, z.shape[1]), dim=1).indices == labels[:, None]
                 correct[name][k] += int(hits.any(dim=1).sum())

@@ -412,13 +412,19 @@ def _save(
     }
     # The state first: an AnaNN without its state could not be resumed, a stale state file
     # next to a complete AnaNN is only one epoch behind.
-    write_atomic(spath, lambda tmp: torch.save(state, tmp))
+    write_atomic(spath, lambda tmp: _torch_save(state, tmp))
     # The saved AnaNN has canonical AKPs (SPEC §2); the training copy keeps its raw values so
     # that the optimiser's moments still match them when resuming.
     saved = copy.deepcopy(student).cpu()
     for acl in acl_layers(saved).values():
         acl.canonicalize_()
     save_anann(output, saved.state_dict(), header.with_extra("finetune", record))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a file object: torch names the archive after a path, i.e. the temporary name.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def require_state(spath: Path) -> None:
@@ -442,16 +448,25 @@ def _restore(
         ) from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise UserError(f"cannot resume: {spath} is not an acl-convert training state")
-    saved = state["config"]
-    for key in ("objective", "train", "batch_size", "seed"):
-        if _plain(saved[key]) != _plain(getattr(config, key)):
-            raise UsageError(
-                f"cannot resume: the run was started with {key}={saved[key]}, now "
-                f"{getattr(config, key)}; use the same settings or start anew"
-            )
-    student.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]), [float(v) for v in state["losses"]]
+    try:
+        saved = state["config"]
+        for key in ("objective", "train", "batch_size", "seed"):
+            if _plain(saved[key]) != _plain(getattr(config, key)):
+                raise UsageError(
+                    f"cannot resume: the run was started with {key}={saved[key]}, now "
+                    f"{getattr(config, key)}; use the same settings or start anew"
+                )
+        epoch, losses = int(state["epoch"]), [float(v) for v in state["losses"]]
+        student.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        # A state of another model or run, or a damaged one: nothing in it can be trusted.
+        what = type(exc).__name__ + (f" {exc.args[0]!r}" if isinstance(exc, KeyError) else "")
+        raise UserError(
+            f"cannot resume: {spath} does not belong to this AnaNN and settings ({what}); "
+            "start anew without --resume (with --force to replace its files)"
+        ) from None
+    return epoch, losses
 
 
 def _plain(value: Any) -> Any:
