@@ -98,7 +98,7 @@ def search_box(family: KernelFamily, h: int, w: int) -> tuple[Tensor, Tensor]:
 #: Scores per score matrix in :meth:`Dictionary.best` (float32: 2 MiB, a core's L2 cache).
 _SCORES = 2**19
 #: Atoms per block in :func:`top_k`.
-_BLOCK = 128
+_BLOCK = 64
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:

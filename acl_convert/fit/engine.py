@@ -24,18 +24,14 @@ __all__ = ["fit_kernels", "resolve_device", "DEFAULT_MEMORY"]
 #: Default working-memory budget of one chunk, in bytes. A ResNet-50-sized job (1.26 M kernels)
 #: is processed in chunks that stay within it.
 DEFAULT_MEMORY = 512 * 2**20
-#: On the CPU a chunk is sized by this budget too (whatever ``memory`` says): a ResNet-50-sized
-#: job then comes in dozens of chunks per family to spread over the threads (see
-#: :mod:`.threads`). Since the refinement streams a chunk through a small working set
-#: (:data:`LM_VALUES`) its real footprint is a fraction of the budget; with all of a chunk's
-#: starts in one batch, 512 MiB chunks spent 35 % of the time in page faults (every large
-#: temporary was mapped afresh, and zeroed, by the operating system).
-CPU_CHUNK_MEMORY = 128 * 2**20
 #: On the CPU the refinement iterates on about this many kernel values at a time (starts x
 #: channels x pixels: 4096 starts of 3x3 kernels), so that its temporaries (``2P`` evaluations
 #: of each) stay in the core's cache. Measured on 3x3 kernels, an iteration costs about 1.5 us
 #: per start at 1k-4k starts, 2.5 us at 16k and more, plus a fixed ~0.5 ms (the Python side of
-#: its ~150 tensor operations) that dominates below a few hundred.
+#: its ~150 tensor operations) that dominates below a few hundred. It also keeps temporaries
+#: small enough for the allocator to reuse: with all of a 512 MiB chunk's starts in one batch,
+#: 35 % of the time went to page faults (the operating system mapping and zeroing every large
+#: temporary afresh).
 LM_VALUES = 4096 * 9
 
 ProgressFn = Callable[[str, int], None]
@@ -130,9 +126,10 @@ def fit_kernels(
         starts: how many of the best dictionary atoms of each kernel are refined.
         max_iter: Levenberg-Marquardt iterations at most (kernels stop earlier when converged).
         memory: working-memory budget per chunk in bytes; bigger chunks are faster on a GPU. On
-            the CPU chunks stay within :data:`CPU_CHUNK_MEMORY` as well and are fitted on
-            several threads at once (one per core, ``ACL_CONVERT_THREADS`` overrides), with the
-            same results whatever the number of threads.
+            the CPU the refinement streams a chunk through a cache-sized working set
+            (:data:`LM_VALUES`), so a chunk uses far less than this, and several chunks are
+            fitted at once, one per thread (one thread per core, ``ACL_CONVERT_THREADS``
+            overrides), with the same results whatever the number of threads.
         dtype: computation dtype (float32 is accurate to ~1e-6 in relative residual).
         progress: called as ``progress(code, kernels_done)`` after every chunk.
 
@@ -175,12 +172,13 @@ def fit_kernels(
         )
         # Gradients cannot carry a non-smooth family's fit across its jumps: more starts instead.
         k = 0 if book is None else min(starts if fam.smooth else 2 * starts, book.u.shape[0])
-        # Bytes per kernel in refinement: value, Jacobian and a few temporaries per start, and
-        # the projector of every channel under a metric.
+        # Bytes per kernel when all of a chunk's starts refine in one batch (on a GPU): value,
+        # Jacobian and a few temporaries per start, and the projector of every channel under a
+        # metric. On the CPU the refinement's batch is LM_VALUES, and chunks are just the units
+        # of work the threads share.
         per_kernel = max(k, 1) * n * (n_akp + 8 + (n_chan * n if a is not None else 0)) * 8
         per_kernel = per_kernel * torch.finfo(dtype).bits // 8 * n_chan
-        budget = min(memory, CPU_CHUNK_MEMORY) if dev.type == "cpu" else memory
-        chunk = max(256, min(1 << 20, budget // max(per_kernel, 1)))
+        chunk = max(256, min(1 << 20, memory // max(per_kernel, 1)))
         params[code] = torch.zeros(n_kernels, n_akp, dtype=dtype, device=dev)
         gains[code] = torch.zeros(n_kernels, n_chan, dtype=dtype, device=dev)
         offsets[code] = torch.zeros(n_kernels, n_chan, dtype=dtype, device=dev)
