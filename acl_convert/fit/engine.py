@@ -25,14 +25,14 @@ __all__ = ["fit_kernels", "resolve_device", "DEFAULT_MEMORY"]
 #: is processed in chunks that stay within it.
 DEFAULT_MEMORY = 512 * 2**20
 #: On the CPU the refinement iterates on about this many kernel values at a time (starts x
-#: channels x pixels: 4096 starts of 3x3 kernels), so that its temporaries (``2P`` evaluations
-#: of each) stay in the core's cache. Measured on 3x3 kernels, an iteration costs about 1.5 us
-#: per start at 1k-4k starts, 2.5 us at 16k and more, plus a fixed ~0.5 ms (the Python side of
-#: its ~150 tensor operations) that dominates below a few hundred. It also keeps temporaries
-#: small enough for the allocator to reuse: with all of a 512 MiB chunk's starts in one batch,
-#: 35 % of the time went to page faults (the operating system mapping and zeroing every large
-#: temporary afresh).
-LM_VALUES = 4096 * 9
+#: channels x pixels: 16384 starts of 3x3 kernels). An iteration is ~250 tensor operations
+#: whose Python side costs ~0.5-1 ms whatever their size, so a batch must be large; but past a
+#: few MiB per temporary (``2P`` evaluations of each start) they leave the cache. Measured on
+#: 100k random 3x3 kernels, one thread: 4096 starts 4.6-4.8 s of CPU, 16384-32768 4.0-4.4 s,
+#: 65536 4.4-4.7 s. It also keeps temporaries small enough for the allocator to reuse: with all
+#: of a 512 MiB chunk's starts in one batch, 35 % of the time went to page faults (the operating
+#: system mapping and zeroing every large temporary afresh).
+LM_VALUES = 16384 * 9
 
 ProgressFn = Callable[[str, int], None]
 

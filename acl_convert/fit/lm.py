@@ -251,11 +251,11 @@ def refine(
     The kernels iterate in a working set of at most ``batch`` (None: all of them): a kernel
     leaves it when it converges (or after ``max_iter`` iterations) and waiting kernels take its
     place, so every iteration works on about ``batch`` kernels instead of a shrinking batch
-    whose late iterations cost a fixed overhead for a few slow kernels. On the CPU a batch
-    whose temporaries fit in the cache is several times faster per kernel than a large one. A
-    rejected step leaves ``u`` where it was, so its normal equations are kept and only the
-    damping changes: the Jacobian (``2P`` family evaluations) is formed only for kernels whose
-    last step was taken.
+    whose late iterations cost a fixed overhead for a few slow kernels. On the CPU a batch whose
+    temporaries stay in the cache is faster per kernel than a larger one (see the engine's
+    ``LM_VALUES``). A rejected step leaves ``u`` where it was, so its normal equations are kept
+    and only the damping changes: the Jacobian (``2P`` family evaluations) is formed only for
+    kernels whose last step was taken.
     """
     if w.ndim == 2:
         w = w[:, None, :]
