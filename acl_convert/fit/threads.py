@@ -8,9 +8,10 @@ equations), and splitting each across threads makes every thread wait at an Open
 the others; on a busy machine that means waiting for a core another process holds. Measured on
 the 2-core VM with other jobs running, SqueezeNet's largest 3x3 layer fitted in 2.4 s on one
 intra-op thread and 45 s on two, and the joint re-solve took 0.6 s against 57 s. Chunks on
-separate threads never wait for each other, so a busy core only slows the thread that runs
-there. And the result does not depend on the thread count: every chunk is fitted the same way,
-single-threaded, whichever thread runs it.
+separate threads wait for each other at no barrier, so a busy core mostly slows the thread that
+runs there (they do share Python's lock: on a saturated machine two threads cost up to ~20 %
+more than one, docs/performance.md). And the result does not depend on the thread count: every
+chunk is fitted the same way, single-threaded, whichever thread runs it.
 
 The rest of the fitting code (the joint re-solve, the budget, the calibration passes) runs on
 one torch thread (:func:`fit_threads`). ``ACL_CONVERT_THREADS=N`` overrides both: ``N`` chunk
