@@ -23,10 +23,11 @@ Two modes (``--mode all`` runs both):
 
 ``resnet50``
     Times a whole ResNet-50-shaped job: every Conv2d with kernel size >= 3 of
-    ``torchvision.models.resnet50()`` (random init, nothing downloaded; ~1.26 M kernels), all six
-    families, offset on, dictionaries built inside the timed job (cold). Reports wall time,
-    throughput and peak memory (``ru_maxrss`` and a 50 ms VmRSS sampler; on CUDA also
-    ``torch.cuda.max_memory_allocated``).
+    ``torchvision.models.resnet50()`` (random init seeded with 0, nothing downloaded; ~1.26 M
+    kernels), all six families, offset on, dictionaries built inside the timed job (cold).
+    Reports wall and CPU time, throughput, peak memory (``ru_maxrss`` and a 50 ms VmRSS sampler;
+    on CUDA also ``torch.cuda.max_memory_allocated``) and the residual quantiles (10/50/90 %) of
+    every family per kernel size, to compare the fit's quality between engine versions.
 
 Throughput counts only the five families with AKPs (G, Lg, Tf, Ts, Lt). Mean has none and is
 closed form in both fitters: the engine fits it in the same call (its small cost is inside our
@@ -65,6 +66,7 @@ from scipy.optimize import least_squares  # noqa: E402
 
 from acl_convert import kernels  # noqa: E402
 from acl_convert.fit import dictionary, fit_kernels, resolve_device  # noqa: E402
+from acl_convert.fit import threads as fit_threads  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "weights"
 SQUEEZENET = DATA / "squeezenet1_0_deepcompression_tvnorm.pth"
@@ -80,7 +82,7 @@ TARGET_DATASET = "squeezenet conv1"  # the issue's quality and speed targets are
 # Targets from the issue.
 QUALITY_TOL = 0.005  # ours median / p90 may exceed the baseline's by at most this
 SPEEDUP_TARGET = 500.0
-RESNET_SECONDS_TARGET = 300.0
+RESNET_SECONDS_TARGET = 60.0  # issue 12: on the 2-core CPU VM (issue 3 asked for 300 s)
 RESNET_MEMORY_TARGET = 4 * 2**30
 
 # Wide enough for the comparison tables when the output goes to a file or a pipe.
@@ -104,6 +106,8 @@ def machine_info(device: torch.device) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Threads fit_kernels fits chunks on (engines before issue 12 had none: one thread).
+        "fit_threads": getattr(fit_threads, "workers", lambda: 1)(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
@@ -189,6 +193,7 @@ class Stopwatch:
     small and shared: a concurrent job distorts every timing, so each timing says so)."""
 
     seconds: float
+    cpu_seconds: float
     other_cores: float | None
 
     def __enter__(self) -> Stopwatch:
@@ -198,6 +203,7 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = _own_cpu_seconds() - self._own
         busy = _system_busy_seconds()
         self.other_cores = None
         if busy is not None and self._busy is not None and self.seconds > 0:
@@ -596,6 +602,8 @@ def mode_real(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def resnet50_kernels() -> dict[tuple[int, int], torch.Tensor]:
     import torchvision
 
+    # Seeded, so that runs (and the engine before and after a change) fit the same kernels.
+    torch.manual_seed(SEED)
     model = torchvision.models.resnet50(weights=None)
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for m in model.modules():
@@ -636,10 +644,14 @@ def mode_resnet50(args: argparse.Namespace, device: torch.device) -> dict:
                     sync(device)
                     dt = time.perf_counter() - t0
                 r = res.residuals.double()
+                q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
                 per_size[f"{h}x{w}"] = {
                     "kernels": len(W),
                     "seconds": dt,
                     "median_best_residual": float(r.min(1).values.median()),
+                    "quantiles": {
+                        c: r[:, k].quantile(q).tolist() for k, c in enumerate(res.families)
+                    },
                 }
                 del res, r
     finally:
@@ -652,6 +664,7 @@ def mode_resnet50(args: argparse.Namespace, device: torch.device) -> dict:
         "offset": True,
         "device": str(device),
         "seconds": wall,
+        "cpu_seconds": job.cpu_seconds,
         "per_size": per_size,
         "fits_per_s": n_total * len(AKP_FAMILIES) / wall,
         "rss_before_bytes": rss_before,
@@ -680,6 +693,7 @@ def mode_resnet50(args: argparse.Namespace, device: torch.device) -> dict:
             f"{s['seconds']:.1f} s / {s['median_best_residual']:.4f}",
         )
     t.add_row("wall time", f"{wall:.1f} s (target <= {RESNET_SECONDS_TARGET:.0f} s: {out['time']})")
+    t.add_row("CPU time of this process (all threads)", f"{job.cpu_seconds:.1f} s")
     t.add_row("kernel·families/s (5 AKP families)", f"{out['fits_per_s']:,.0f}")
     t.add_row("RSS before fitting", mib(rss_before))
     t.add_row("peak RSS (VmRSS, 50 ms sampler)", mib(peak))
@@ -690,6 +704,13 @@ def mode_resnet50(args: argparse.Namespace, device: torch.device) -> dict:
     t.add_row("memory target (<= 4 GiB process peak)", out["memory"])
     t.add_row("contention during the job", busy_note(out["other_cores"]))
     console.print(t)
+    q = Table(title="Residual quantiles per family", title_justify="left")
+    for col in ("size", "family", "10 %", "median", "90 %"):
+        q.add_column(col, justify="left" if col in ("size", "family") else "right")
+    for size, s in per_size.items():
+        for code in FAMILIES:
+            q.add_row(size, code, *(f"{v:.4f}" for v in s["quantiles"][code]))
+    console.print(q)
     return out
 
 
@@ -737,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     info["load_avg_1min"] = load_avg()
     console.print(
         f"machine: {info['cpu']}, {info['cores']} cores (torch threads "
-        f"{info['torch_threads']}), torch {info['torch']}, python {info['python']}, "
+        f"{info['torch_threads']}, fit threads {info['fit_threads']}), torch {info['torch']}, "
+        f"python {info['python']}, "
         f"device {info['device']}"
         + (f" ({info['gpu']})" if "gpu" in info else "")
         + f"; 1-min load average {info['load_avg_1min']}"

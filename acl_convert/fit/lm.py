@@ -11,15 +11,17 @@ the exact one near a minimum and cheaper.
 
 ``df/du`` comes from central differences evaluated in one batched call, so a family needs no
 hand-written derivative. Every kernel has its own damping, and kernels leave the batch once
-they converge.
+they converge (:func:`refine` says how the batch is kept small and busy on the CPU).
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
-from ..kernels import KernelFamily
+from ..kernels import KernelFamily, grid
 
 __all__ = ["project", "apply", "solve_linear", "refine", "with_jacobian"]
 
@@ -34,7 +36,7 @@ RTOL = 1e-3
 
 
 def project(x: Tensor, offset: bool) -> Tensor:
-    """Centre the rows of ``x`` ``(N, n)`` when the offset is on (projects out the constant)."""
+    """Centre the rows of ``x`` ``(..., n)`` when the offset is on (projects out the constant)."""
     return x - x.mean(-1, keepdim=True) if offset else x
 
 
@@ -49,8 +51,36 @@ def solve_linear(w_t: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     return gain, cost.clamp_min(0)
 
 
+def _sample_flat(family: KernelFamily, akp: Tensor, h: int, w: int) -> Tensor:
+    """``family.formula`` on the pixel coordinates laid out as one row ``(1, h*w)`` instead of
+    the ``(h, 1)`` and ``(1, w)`` grid: ``(..., h*w)``."""
+    x, y = torch.broadcast_tensors(*grid(h, w, device=akp.device, dtype=akp.dtype))
+    akps = [akp[..., k, None, None] for k in range(akp.shape[-1])]
+    return family.formula(x.reshape(1, -1), y.reshape(1, -1), *akps)[..., 0, :]
+
+
+@cache
+def _samples_flat(family: KernelFamily, h: int, w: int) -> bool:
+    """Whether :func:`_sample_flat` gives ``family``'s kernels. It does for a formula of
+    pointwise functions of ``(x, y)`` and sums over the whole kernel, as every family's is, and
+    it is up to twice as fast: broadcasting ``(h, 1)`` against ``(1, w)`` leaves torch inner
+    loops of ``w`` values (3 for a 3x3 kernel) where one row of ``h*w`` vectorises. A formula
+    that relies on the grid's 2-D shape fails this check and is sampled as documented."""
+    akp = family.sample(8, h, w, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        flat = _sample_flat(family, akp, h, w)
+    except (RuntimeError, IndexError, ValueError):
+        return False
+    ref = family(akp, h, w).flatten(-2)
+    return flat.shape == ref.shape and torch.allclose(flat, ref, rtol=1e-12, atol=1e-300)
+
+
 def _evaluate(family: KernelFamily, u: Tensor, h: int, w: int) -> Tensor:
-    return family(family.from_unconstrained(u), h, w).flatten(-2)
+    """The kernels ``(..., h*w)`` of unconstrained AKPs ``u`` ``(..., P)``."""
+    akp = family.from_unconstrained(u)
+    if _samples_flat(family, h, w):
+        return _sample_flat(family, akp, h, w)
+    return family(akp, h, w).flatten(-2)
 
 
 def with_jacobian(family: KernelFamily, u: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
@@ -91,27 +121,107 @@ def apply(x: Tensor, proj: Tensor | None, offset: bool) -> Tensor:
     return torch.einsum("ntij,ntj->nti", proj, x)
 
 
-def _apply_jacobian(jac: Tensor, proj: Tensor | None, offset: bool) -> Tensor:
-    """``df/du`` ``(N, n, P)`` projected like :func:`apply`: ``(N, T or 1, n, P)``."""
+def _projected_jacobian(
+    family: KernelFamily, u: Tensor, h: int, w: int, proj: Tensor | None, offset: bool
+) -> Tensor:
+    """``d(apply(f))/du`` ``(P, N, T or 1, n)`` by central differences, one AKP per leading
+    row (the layout the evaluations come in, and the one :func:`_normal_equations` wants).
+
+    The value at ``u`` itself is not evaluated: :func:`refine` already has it from the step that
+    led there."""
+    n_akp = u.shape[1]
+    eye = _FD_STEP * torch.eye(n_akp, dtype=u.dtype, device=u.device)
+    values = _evaluate(family, u[None] + torch.cat([eye, -eye])[:, None, :], h, w)  # (2P, N, n)
+    d = (values[:n_akp] - values[n_akp:]) / (2 * _FD_STEP)
     if proj is None:
-        return (jac - jac.mean(1, keepdim=True) if offset else jac)[:, None]
-    return torch.einsum("ntij,njp->ntip", proj, jac)
+        return project(d, offset)[:, :, None]
+    return torch.einsum("ntij,pnj->pnti", proj, d)
 
 
-def _normal_equations(jac: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
-    """``J^T J`` ``(N, P, P)`` and ``J^T r`` ``(N, P)`` of every kernel, summed over its channels
-    and pixels (``jac`` ``(N, T, n, P)``, ``resid`` ``(N, T, n)``).
+def _normal_equations(d: Tensor, f_t: Tensor, w_t: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    """``J^T J`` ``(P, P, N)`` and ``J^T r`` ``(P, N)`` of Kaufman's Jacobian, summed over a
+    stack's channels, one system per last index.
 
-    Written as elementwise products and sums rather than ``einsum`` so that every kernel's numbers
-    depend on its own values only, not on the batch around it: ``einsum`` becomes a batched BLAS
-    product whose summation order may follow the batch's memory layout (``jac`` has stride
-    ``N * n`` along ``P``), and on some CPUs (MKL's default code path on AMD EPYC) it does, so a
-    kernel's float32 rounding, and with it the local search's path, changed with the batch size
-    and with which other kernels were still active. A loop over ``P`` keeps the temporaries the
-    Jacobian's size."""
-    jtj = torch.stack([(jac * jac[..., p, None]).sum((1, 2)) for p in range(jac.shape[-1])], 1)
-    jtr = (jac * resid[..., None]).sum((1, 2))
-    return jtj, jtr
+    With ``D`` the projected ``df/du`` ``(P, n)`` (``d``, see :func:`_projected_jacobian`),
+    ``F`` the projected atom and ``g`` the gain of a channel, ``J = -g (I - F F^T / |F|^2) D^T
+    = -g E^T`` with ``E`` the rows of ``D`` less their part along ``F``, and ``r = W - g F``.
+    Since ``E F = 0``, ``J^T r = -g E W`` and ``J^T J = g^2 E E^T``. ``E`` is formed explicitly
+    rather than expanding ``D D^T - (D F)(D F)^T / |F|^2``: where ``D`` is nearly parallel to
+    ``F`` (a scale AKP that mostly changes the amplitude) the expansion cancels in float32."""
+    ff = (f_t * f_t).sum(-1).clamp_min(_TINY)  # (N, T or 1)
+    e = d - ((d * f_t).sum(-1) / ff)[..., None] * f_t
+    ee = (e[:, None] * e[None]).sum(-1)  # (P, P, N, T or 1)
+    ew = (e * w_t).sum(-1)  # (P, N, T): one E against every channel when it is shared
+    g2 = gain.square()
+    if e.shape[2] == 1:
+        g2 = g2.sum(1, keepdim=True)
+    return (ee * g2).sum(-1), -(ew * gain).sum(-1)
+
+
+def _solve_spd(a: Tensor, b: Tensor) -> Tensor:
+    """``x`` ``(P, N)`` with ``a x = b`` for ``N`` symmetric positive definite systems ``a``
+    ``(P, P, N)``, ``b`` ``(P, N)``: the Cholesky factorisation and the two substitutions
+    written out over the ``P x P`` entries, each step one operation on all ``N`` systems. For
+    the few AKPs of a family that is a few dozen vector operations, where a batched LAPACK
+    solve factors the ``N`` tiny matrices one at a time, at several times the cost. A system
+    that is not numerically positive definite gives NaN (the caller takes no step then)."""
+    n = a.shape[0]
+    low: list[list[Tensor]] = [[] for _ in range(n)]  # low[i][j], j <= i
+    for i in range(n):
+        for j in range(i + 1):
+            s = a[i, j]
+            for k in range(j):
+                s = s - low[i][k] * low[j][k]
+            low[i].append(s.sqrt() if i == j else s / low[j][j])
+    y: list[Tensor] = []
+    for i in range(n):
+        s = b[i]
+        for k in range(i):
+            s = s - low[i][k] * y[k]
+        y.append(s / low[i][i])
+    x = list(y)
+    for i in reversed(range(n)):
+        s = y[i]
+        for k in range(i + 1, n):
+            s = s - low[k][i] * x[k]
+        x[i] = s / low[i][i]
+    return torch.stack(x)
+
+
+def _admit(
+    family: KernelFamily,
+    ids: Tensor,
+    w: Tensor,
+    u: Tensor,
+    h: int,
+    kw: int,
+    proj: Tensor | None,
+    offset: bool,
+) -> dict[str, Tensor]:
+    """The starting state of kernels ``ids`` in :func:`refine`: one row per kernel in every
+    entry, so the working set is compacted and extended entry by entry."""
+    w_t = apply(w, proj, offset)
+    f_t = apply(_evaluate(family, u, h, kw), proj, offset)
+    gain, cost = solve_linear(w_t, f_t)
+    n_rows, n_akp = u.shape
+    state = {
+        "ids": ids,
+        "u": u,
+        "w": w_t,
+        "f": f_t,
+        "gain": gain,
+        "cost": cost.sum(-1),
+        "scale": (w_t * w_t).sum((-2, -1)).clamp_min(_TINY),
+        "lam": u.new_full((n_rows,), 1e-3),
+        # J^T J and J^T r at u; "fresh" marks the kernels whose u moved since they were formed.
+        "jtj": u.new_zeros(n_rows, n_akp, n_akp),
+        "jtr": u.new_zeros(n_rows, n_akp),
+        "fresh": torch.ones(n_rows, dtype=torch.bool, device=u.device),
+        "iters": torch.zeros(n_rows, dtype=torch.int32, device=u.device),
+    }
+    if proj is not None:
+        state["proj"] = proj
+    return state
 
 
 def refine(
@@ -126,6 +236,7 @@ def refine(
     max_iter: int = 30,
     rtol: float = RTOL,
     proj: Tensor | None = None,
+    batch: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Refine unconstrained AKPs ``u`` ``(N, P)`` for kernels ``w`` ``(N, h*kw)``, or for stacks
     ``(N, T, h*kw)`` of ``T`` kernels that share their AKPs but each have their own gain and
@@ -136,50 +247,112 @@ def refine(
     (see :func:`apply`). Returns the refined ``u`` and the squared residual ``(N,)`` of each
     kernel under the variable-projection objective. The cost never increases (a step is only
     taken when it lowers the true cost), so a non-smooth family cannot make a start worse.
+
+    The kernels iterate in a working set of at most ``batch`` (None: all of them): a kernel
+    leaves it when it converges (or after ``max_iter`` iterations) and waiting kernels take its
+    place, so every iteration works on about ``batch`` kernels instead of a shrinking batch
+    whose late iterations cost a fixed overhead for a few slow kernels. On the CPU a batch whose
+    temporaries stay in the cache is faster per kernel than a larger one (see the engine's
+    ``LM_VALUES``). A rejected step leaves ``u`` where it was, so its normal equations are kept
+    and only the damping changes: the Jacobian (``2P`` family evaluations) is formed only for
+    kernels whose last step was taken.
     """
     if w.ndim == 2:
         w = w[:, None, :]
-    w_t = apply(w, proj, offset)
-    u = u.clone()
-    f = _evaluate(family, u, h, kw)
-    cost = solve_linear(w_t, apply(f, proj, offset))[1].sum(-1)
-    damping = torch.full_like(cost, 1e-3)
-    active = torch.arange(len(u), device=u.device)
-    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
-    for _ in range(max_iter):
-        if active.numel() == 0:
+    n_rows = len(u)
+    if max_iter < 1:
+        cost = solve_linear(
+            apply(w, proj, offset), apply(_evaluate(family, u, h, kw), proj, offset)
+        )
+        return u.clone(), cost[1].sum(-1)
+    batch = n_rows if batch is None else max(1, batch)
+    if bounds is not None:
+        bounds = (bounds[0].to(u), bounds[1].to(u))
+    u_out = u.clone()
+    cost_out = u.new_zeros(n_rows)
+    live: dict[str, Tensor] | None = None
+    waiting = 0  # kernels [waiting, N) have not entered the working set yet
+    while True:
+        room = batch - (0 if live is None else len(live["ids"]))
+        # Refill in batches of at least a quarter: fewer, larger concatenations.
+        if waiting < n_rows and room >= max(1, batch // 4):
+            end = min(n_rows, waiting + room)
+            new = _admit(
+                family,
+                torch.arange(waiting, end, device=u.device),
+                w[waiting:end],
+                u[waiting:end],
+                h,
+                kw,
+                None if proj is None else proj[waiting:end],
+                offset,
+            )
+            live = new if live is None else {k: torch.cat([live[k], new[k]]) for k in live}
+            waiting = end
+        if live is None or len(live["ids"]) == 0:
             break
-        ua, wa, ca, lam = u[active], w_t[active], cost[active], damping[active]
-        pa = None if proj is None else proj[active]
-        fa, jac = with_jacobian(family, ua, h, kw)
-        fa, jac = apply(fa, pa, offset), _apply_jacobian(jac, pa, offset)
-        gain, _ = solve_linear(wa, fa)  # (Na, T)
-        ff = (fa * fa).sum(-1).clamp_min(_TINY)[..., None, None]
-        # Kaufman: the part of dF/du along F itself is absorbed by the gain.
-        jac = jac - fa[..., None] * ((fa[..., None] * jac).sum(-2, keepdim=True) / ff)
-        jac = -gain[..., None, None] * jac  # (Na, T, n, P)
-        resid = wa - gain[..., None] * fa
-        jtj, jtr = _normal_equations(jac, resid)
+        ua, wa, pa, f_t, gain = live["u"], live["w"], live.get("proj"), live["f"], live["gain"]
+        cost, lam, jtj, jtr, fresh = (live[k] for k in ("cost", "lam", "jtj", "jtr", "fresh"))
+        rows = fresh.nonzero()[:, 0]
+        if len(rows) == len(fresh):
+            d = _projected_jacobian(family, ua, h, kw, pa, offset)
+            jtj_s, jtr_s = _normal_equations(d, f_t, wa, gain)
+            jtj, jtr = jtj_s.permute(2, 0, 1), jtr_s.T
+        else:
+            if len(rows):
+                d = _projected_jacobian(
+                    family, ua[rows], h, kw, None if pa is None else pa[rows], offset
+                )
+                jtj_r, jtr_r = _normal_equations(d, f_t[rows], wa[rows], gain[rows])
+                jtj.index_copy_(0, rows, jtj_r.permute(2, 0, 1))
+                jtr.index_copy_(0, rows, jtr_r.T)
+            # One system per last index, contiguous: what _solve_spd reads.
+            jtj_s, jtr_s = jtj.permute(1, 2, 0).contiguous(), jtr.T.contiguous()
         # Marquardt's scaling by diag(J^T J) makes the damping invariant to AKP units; the small
         # identity term keeps flat directions (e.g. a decayed envelope) solvable.
-        diag = torch.diagonal(jtj, dim1=1, dim2=2)
-        system = jtj + lam[:, None, None] * (diag[:, :, None] * eye + 1e-9 * eye)
-        step = torch.linalg.solve(system, -jtr)
-        step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
-        u_new = ua + step
+        system = jtj_s.clone()
+        torch.diagonal(system).add_(lam[:, None] * (torch.diagonal(jtj_s) + 1e-9))
+        step_t = torch.nan_to_num(_solve_spd(system, -jtr_s), nan=0.0, posinf=0.0, neginf=0.0)
+        u_new = ua + step_t.T
         if bounds is not None:
             u_new = torch.maximum(torch.minimum(u_new, bounds[1]), bounds[0])
         f_new = apply(_evaluate(family, u_new, h, kw), pa, offset)
-        c_new = solve_linear(wa, f_new)[1].sum(-1)
-        better = c_new < ca
-        u[active] = torch.where(better[:, None], u_new, ua)
-        cost[active] = torch.where(better, c_new, ca)
-        damping[active] = torch.where(better, lam * _ACCEPT, lam * _REJECT).clamp(1e-9, 1e9)
+        g_new, c_new = solve_linear(wa, f_new)
+        c_new = c_new.sum(-1)
+        better = c_new < cost
+        # The gain the linearised model promises for the step, before the box cuts it back: a
+        # cut step can promise little (or nothing) in a direction that a more damped, shorter
+        # step inside the box would not take.
+        pred = -(2 * (step_t * jtr_s).sum(0) + ((jtj_s * step_t).sum(1) * step_t).sum(0))
+        gained = (cost - torch.where(better, c_new, cost)) / cost.clamp_min(_TINY)
+        cost = torch.where(better, c_new, cost)
+        lam = torch.where(better, lam * _ACCEPT, lam * _REJECT).clamp(1e-9, 1e9)
+        live.update(
+            u=torch.where(better[:, None], u_new, ua),
+            f=torch.where(better[:, None, None], f_new, f_t),
+            gain=torch.where(better[:, None], g_new, gain),
+            cost=cost,
+            lam=lam,
+            jtj=jtj,
+            jtr=jtr,
+            fresh=better,
+            iters=live["iters"] + 1,
+        )
         # A kernel is done when an accepted step lowers its cost by less than the fraction
         # ``rtol`` (relative to the cost itself, so fits at the noise level still polish), when
-        # no step helps at any sensible damping, or when the fit is exact.
-        scale = (wa * wa).sum((-2, -1)).clamp_min(_TINY)
-        gained = (ca - torch.where(better, c_new, ca)) / ca.clamp_min(_TINY)
-        done = (better & (gained < rtol)) | (~better & (lam > _GIVE_UP)) | (c_new / scale < 1e-12)
-        active = active[~done]
-    return u, cost
+        # a rejected step was not even predicted to gain that much (more damping only shortens
+        # the step), when no step helps at any sensible damping, when the fit is exact, or
+        # after ``max_iter`` iterations.
+        done = (
+            (better & (gained < rtol))
+            | (~better & ((pred < rtol * cost) | (lam > _GIVE_UP)))
+            | (cost / live["scale"] < 1e-12)
+            | (live["iters"] >= max_iter)
+        )
+        if bool(done.any()):
+            ids = live["ids"][done]
+            u_out[ids] = live["u"][done]
+            cost_out[ids] = cost[done]
+            keep = (~done).nonzero()[:, 0]
+            live = {k: v.index_select(0, keep) for k, v in live.items()}
+    return u_out, cost_out

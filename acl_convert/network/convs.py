@@ -37,12 +37,14 @@ _NOTHING_TO_FIT = "with nothing to fit (kernels smaller than 2x2, or none)"
 _GLOB_CHARS = "*?["
 
 #: CPU fitting cost, in seconds per kernel, per family and per kernel pixel (h*w). Measured with
-#: ``acl_convert.fit.fit_kernels(device="cpu")`` with the six paper families on a 2-core Xeon
-#: (bench/fit_speed.py, docs/performance.md): the ResNet-50-shaped job, 1.26 M randomly
-#: initialised 3x3 kernels, took 180 s (2.7e-6 s/kernel/family/pixel); the real MobileNetV2 3x3
-#: kernels 1.5e-6, the real SqueezeNet 7x7 ones 1.3e-6. The slower, random-kernel figure is used:
-#: estimates are good to about a factor of 2, and a GPU is one to two orders of magnitude faster.
-SECONDS_PER_KERNEL_FAMILY_PIXEL = 2.7e-6
+#: ``acl_convert.fit.fit_kernels(device="cpu")`` with the six paper families on a 2-core AMD EPYC
+#: VM that other jobs kept busy (bench/fit_speed.py, docs/performance.md): the ResNet-50-shaped
+#: job, 1.26 M randomly initialised 3x3 kernels, took 85 s with 1.3 of the 2 cores taken by
+#: others (1.25e-6 s/kernel/family/pixel) and 56 s of CPU, ~30 s on two free cores (0.45e-6);
+#: the real MobileNetV2 3x3 kernels, one chunk per family and so one thread, 2.0e-6, the real
+#: SqueezeNet 7x7 ones 1.2e-6. A figure in between is used: estimates are good to about a
+#: factor of 2, and a GPU is one to two orders of magnitude faster.
+SECONDS_PER_KERNEL_FAMILY_PIXEL = 1.0e-6
 
 
 @dataclass(frozen=True)
