@@ -36,7 +36,7 @@ from .fit.threads import fit_threads
 from .io.arch import model_for, parse_arch, recognise
 from .io.checkpoint import check_finite, load_checkpoint
 from .io.images import list_images, load_batches, preprocessing
-from .network.convs import ConvLayer, conv_layers, select_layers
+from .network.convs import ConvLayer, conv_layers, estimate_fit_seconds, select_layers
 from .network.surgery import set_submodule
 from .nn.acl import ACL
 from .nn.assignment import Assignment
@@ -48,6 +48,7 @@ __all__ = [
     "prepare_model",
     "prepare_checkpoint",
     "Job",
+    "Step",
     "Conversion",
     "LayerResult",
     "Settings",
@@ -185,6 +186,21 @@ def _needs_arch(what: str) -> UsageError:
     return UsageError(f"{what} needs a known architecture; give {option('arch', 'NAME')}")
 
 
+#: Rough CPU seconds of one calibration image's pass up to a layer and its moments, and how much
+#: slower a fit by output error is than a plain one: only for progress estimates.
+_SECONDS_PER_IMAGE_PASS = 0.05
+_WEIGHTED_FIT_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One task of a conversion's progress (see :meth:`Job.plan`)."""
+
+    name: str
+    units: int
+    seconds: float
+
+
 @dataclass
 class Job:
     """A conversion ready to run: the network loaded, its layers chosen, the settings checked
@@ -229,6 +245,43 @@ class Job:
                 "residual is at most 1): every kernel becomes analytic, however poorly it fits"
             )
         return cls(source, model, arch, chosen, settings, calib, notes)
+
+    def plan(self) -> list[Step]:
+        """The progress tasks :meth:`run` will report, in order, each with its number of units
+        and a rough estimate of its CPU seconds, so that a progress display can show one bar
+        over the whole conversion. A task may be reported in several calls; a name that occurs
+        twice in the plan is reported twice (a model-wide budget reads every layer's inputs
+        twice)."""
+        s = self.settings
+        names = [kernels.get(c).name for c in s.families]
+        calibrated = self.calibration is not None and (s.fit_to == "output" or s.joint)
+        steps: list[Step] = []
+
+        def fits(label: str, rows: int, kernels_n: int, size: tuple[int, int], factor: float):
+            per_family = estimate_fit_seconds(kernels_n, size, 1) * factor
+            steps.extend(Step(f"{label} {n}", rows, per_family) for n in names)
+
+        if not calibrated:
+            for group in _fit_groups(self.layers, s.tie_channels):
+                lay = group[0]
+                label = lay.name if s.tie_channels else "x".join(map(str, lay.kernel_size))
+                kernels_n = sum(x.num_kernels for x in group)
+                rows = sum(x.shape[0] if s.tie_channels else x.num_kernels for x in group)
+                fits(label, rows, kernels_n, lay.kernel_size, 1.0)
+            return steps
+        images = self.calibration.images
+        passes = 2 if s.budget and s.budget_scope == "model" else 1
+        for lay in self.layers:
+            # A pass up to the layer and the moments of its inputs: rough, per image.
+            inputs = Step(f"inputs of {lay.name}", images, images * _SECONDS_PER_IMAGE_PASS)
+            steps += [inputs] * passes
+            rows = lay.shape[0] if s.tie_channels else lay.num_kernels
+            if s.fit_to == "output":
+                fits(lay.name, rows, lay.num_kernels, lay.kernel_size, _WEIGHTED_FIT_FACTOR)
+            else:
+                fits("x".join(map(str, lay.kernel_size)), rows, lay.num_kernels,
+                     lay.kernel_size, 1.0)  # fmt: skip
+        return steps
 
     def run(self, progress: ProgressFn | None = None) -> Conversion:
         """Fit, choose and build every layer; the converted model and, with calibration, its
@@ -363,15 +416,19 @@ def _channels(lay: ConvLayer, tie: bool) -> Tensor:
     return chan if tie else chan.reshape(-1)
 
 
-def _fit_plain(state_dict, layers, settings, progress) -> dict[str, FitResult]:
-    """Plain least-squares fits of every layer; untied layers of one kernel size in one batch
-    (small layers share the per-iteration overhead)."""
+def _fit_groups(layers: Sequence[ConvLayer], tie: bool) -> list[list[ConvLayer]]:
+    """Layers fitted in one batch: untied layers of one kernel size together (small layers
+    share the per-iteration overhead), tied layers one by one."""
     by_size: dict[tuple, list[ConvLayer]] = {}
     for lay in layers:
-        key = (lay.name,) if settings.tie_channels else tuple(lay.kernel_size)
-        by_size.setdefault(key, []).append(lay)
+        by_size.setdefault((lay.name,) if tie else tuple(lay.kernel_size), []).append(lay)
+    return list(by_size.values())
+
+
+def _fit_plain(state_dict, layers, settings, progress) -> dict[str, FitResult]:
+    """Plain least-squares fits of every layer, in the batches of :func:`_fit_groups`."""
     fits: dict[str, FitResult] = {}
-    for group in by_size.values():
+    for group in _fit_groups(layers, settings.tie_channels):
         h, w = group[0].kernel_size
         stacks = [_stack(state_dict[lay.weight_key], settings.tie_channels) for lay in group]
         fit = fit_kernels(

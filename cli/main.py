@@ -22,7 +22,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
@@ -139,7 +145,7 @@ def _progress(quiet: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
-        MofNCompleteColumn(),
+        TaskProgressColumn(),
         TimeRemainingColumn(),
         console=err,
         disable=quiet,
@@ -361,35 +367,51 @@ def convert(
         ),
     )
     with _progress(quiet) as bar:
-        result = job.run(_conversion_progress(bar))
+        on_progress, overall = _conversion_progress(bar, job.plan())
+        result = job.run(on_progress)
+        bar.update(overall, completed=bar.tasks[overall].total or 0, description="fitted")
     for line in result.notes[len(job.notes) :]:
         _note(quiet, line)
     doc = result.report
-    if not quiet:
+    if not quiet:  # before the files: writing pictures of many layers takes a while
         print_report(doc, out)
-    written = write_conversion(
-        result,
-        output,
-        report_path,
-        pictures=mosaic_paths,
-        html=html_path,
-        doc=doc,
-        options=pictures,
-    )
+    with _progress(quiet) as bar:
+        bar.add_task(f"writing {output} and the rest", total=None)
+        written = write_conversion(
+            result,
+            output,
+            report_path,
+            pictures=mosaic_paths,
+            html=html_path,
+            doc=doc,
+            options=pictures,
+        )
     _note(quiet, "wrote " + ", ".join(str(p) for p in written))
 
 
-def _conversion_progress(bar: Progress):
-    """A :data:`acl_convert.pipeline.ProgressFn` drawing one bar per task on ``bar``."""
-    tasks: dict[str, int] = {}
+def _conversion_progress(bar: Progress, plan=()):
+    """A :data:`acl_convert.pipeline.ProgressFn` drawing one bar over the whole conversion on
+    ``bar``, weighted by the plan's estimates (:meth:`acl_convert.pipeline.Job.plan`), with the
+    task at hand as its description."""
+    budget: dict[str, list[list[float]]] = {}
+    for step in plan:  # per name, a queue of [units left, seconds per unit]
+        budget.setdefault(step.name, []).append([step.units, step.seconds / max(step.units, 1)])
+    overall = bar.add_task("converting", total=sum(s.seconds for s in plan) or None)
 
     def on_progress(task: str, done: int, total: int) -> None:
-        if task not in tasks:
-            label = task if task.startswith("inputs") else f"fit {task}"
-            tasks[task] = bar.add_task(label, total=total)
-        bar.advance(tasks[task], done)
+        label = task if task.startswith("inputs") else f"fit {task}"
+        queue = budget.get(task, [])
+        advance, left = 0.0, done
+        while queue and left > 0:
+            take = min(left, queue[0][0])
+            advance += take * queue[0][1]
+            queue[0][0] -= take
+            left -= take
+            if queue[0][0] <= 0:
+                queue.pop(0)
+        bar.update(overall, advance=advance, description=label)
 
-    return on_progress
+    return on_progress, overall
 
 
 @app.command("demo")
@@ -413,7 +435,7 @@ def demo_cmd(
         highlight=False,
     )
     with _progress(quiet) as bar:
-        result = acl_convert.demo(folder, progress=_conversion_progress(bar))
+        result = acl_convert.demo(folder, progress=_conversion_progress(bar)[0])
     if not quiet:
         print_report(result.report, out)
         out.print(Text("\n" + result.summary()), highlight=False)

@@ -116,9 +116,18 @@ def _short(pattern: str) -> str | None:
     return pattern if len(pattern) <= PATTERN_LIMIT else None
 
 
-def layer_summary(res: LayerResult) -> dict[str, Any]:
+def layer_summary(res: LayerResult, weight: torch.Tensor | None = None) -> dict[str, Any]:
+    """The numbers of one layer (see docs/report-format.md); ``weight``, the original, tells
+    which kernels are all zero (pruned)."""
     sel = res.selection
-    converted = sel.choice >= 0
+    per_row = res.acl.num_kernels // len(res.fit)
+    zero = torch.zeros(res.acl.num_kernels, dtype=torch.bool)
+    if weight is not None:
+        zero = weight.detach().flatten(0, 1).flatten(1).eq(0).all(1).cpu()
+    # A fitted row counts when it is not all zero: every family fits a zero kernel exactly, so
+    # they would only pull the residual quantiles to 0.
+    real = ~zero.view(-1, per_row).all(1)
+    converted = (sel.choice >= 0) & real
     best = res.fit.residuals.min(1).values if res.fit.residuals.shape[1] else torch.zeros(0)
     plain_res, out_res = _chosen(res)
     joint = res.joint
@@ -129,6 +138,9 @@ def layer_summary(res: LayerResult) -> dict[str, Any]:
         # Counted on the layer: a fit of channel-tied stacks selects per output channel.
         "kernels": res.acl.num_kernels,
         "converted": sum(c != "P" for c in res.acl.codes),
+        # All-zero (pruned) kernels: counted among the families (the fit makes them Mean with
+        # gain 0), left out of the residual quantiles.
+        "zero_kernels": int(zero.sum()),
         "family_counts": res.acl.family_totals(),
         # The run-length pattern of a big layer is as long as a list of its kernels' families
         # (which ``per_kernel`` holds): it is given only when short.
@@ -148,7 +160,7 @@ def layer_summary(res: LayerResult) -> dict[str, Any]:
             "resolved": joint.relative_error(after=True),
         },
         # Over all kernels, the best family's residual: how analytic the layer is at all.
-        "best_residual": _quantiles(best),
+        "best_residual": _quantiles(best[real]),
     }
 
 
@@ -156,7 +168,7 @@ def build_report(conv: Conversion, *, per_kernel: bool = True) -> dict[str, Any]
     """The report document (see :data:`SCHEMA`)."""
     layers = []
     for res in conv.layers:
-        entry = layer_summary(res)
+        entry = layer_summary(res, conv.source.state_dict.get(res.layer.weight_key))
         if per_kernel:
             entry["per_kernel"] = kernel_columns(res)
         layers.append(entry)
@@ -244,6 +256,7 @@ SCHEMA: dict[str, Any] = {
                     "groups": {"type": ["integer", "null"]},
                     "kernels": {"type": "integer", "minimum": 0},
                     "converted": {"type": "integer", "minimum": 0},
+                    "zero_kernels": {"type": "integer", "minimum": 0},
                     "family_counts": {
                         "type": "object",
                         "additionalProperties": {"type": "integer"},

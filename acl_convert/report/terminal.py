@@ -16,6 +16,18 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _families(counts: dict[str, int], zero: int) -> str:
+    """``G69 P219``; pruned (all-zero) kernels as their own ``zero`` count, taken out of the
+    family the fit gave them (Mean; plain when a threshold or budget kept them plain)."""
+    counts, left = dict(counts), zero
+    for code in ("M", "P"):
+        take = min(left, counts.get(code, 0))
+        counts[code] = counts.get(code, 0) - take
+        left -= take
+    parts = [f"{c}{n}" for c, n in counts.items() if n]
+    return " ".join(parts + ([f"zero{zero}"] if zero else []))
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     """Render the per-layer table and the model totals. Output residuals and errors get columns
     only when the conversion measured them (with calibration images)."""
@@ -42,7 +54,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         just = "left" if col in ("layer", "families") else "right"
         table.add_column(col, justify=just, no_wrap=col in ("layer", "params"))
     for lay in layers:
-        fams = " ".join(f"{c}{n}" for c, n in lay["family_counts"].items())
+        fams = _families(lay["family_counts"], lay.get("zero_kernels", 0))
         row = [
             Text(lay["name"]),
             str(lay["kernels"]),
