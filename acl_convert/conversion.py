@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,12 @@ class LayerResult:
     def compact_factor(self) -> float:
         return self.acl.compact_factor()
 
+    @functools.cached_property
+    def pattern(self) -> str:
+        """The layer's run-length pattern (Eq. 9), computed once: a big layer's runs to
+        hundreds of kilobytes, and the header and the report both want it."""
+        return self.acl.pattern
+
     @property
     def params_before(self) -> int:
         co, cig, h, w = self.layer.shape
@@ -106,7 +113,7 @@ class LayerResult:
             gain=acl.gain_enabled,
             offset=acl.offset_enabled,
             family_counts=acl.family_totals(),
-            pattern=acl.pattern,
+            pattern=self.pattern,
             compact_factor=self.compact_factor,
             tied=bool(self.fit.channels),
         )

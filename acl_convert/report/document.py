@@ -144,7 +144,7 @@ def layer_summary(res: LayerResult, weight: torch.Tensor | None = None) -> dict[
         "family_counts": res.acl.family_totals(),
         # The run-length pattern of a big layer is as long as a list of its kernels' families
         # (which ``per_kernel`` holds): it is given only when short.
-        "pattern": _short(res.acl.pattern),
+        "pattern": _short(res.pattern),
         "compact_factor": res.compact_factor,
         "params_before": res.params_before,
         "params_after": res.params_after,
