@@ -384,18 +384,9 @@ def _build_acl(
     known. Without it the conv's groups are unknown; ``(Co, Ci/groups)`` is all the ACL's
     tensors depend on, so it is built with ``groups=1``; loading onto a model
     (:func:`acl_convert.load_anann`) takes the real hyper-parameters from the model."""
-    conv_args = {}
-    if lay.groups:
-        conv_args = dict(
-            stride=lay.stride,
-            padding=lay.padding,
-            dilation=lay.dilation,
-            groups=lay.groups,
-            padding_mode=lay.padding_mode,
-        )
     # AKPs need more precision than half floats give; float64 sources stay float64.
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    acl = ACL.from_assignment(assignment, dtype=dtype, **conv_args)
+    acl = ACL.from_assignment(assignment, dtype=dtype, **lay.conv_kwargs())
     # Refined AKPs may have left their canonical ranges; folding does not change the weight.
     return acl.canonicalize_() if canonical else acl
 

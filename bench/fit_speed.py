@@ -67,6 +67,7 @@ from scipy.optimize import least_squares  # noqa: E402
 from acl_convert import kernels  # noqa: E402
 from acl_convert.fit import dictionary, fit_kernels, resolve_device  # noqa: E402
 from acl_convert.fit import threads as fit_threads  # noqa: E402
+from acl_convert.fit.threads import busy_seconds  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "weights"
 SQUEEZENET = DATA / "squeezenet1_0_deepcompression_tvnorm.pth"
@@ -167,18 +168,6 @@ def load_avg() -> float | None:
         return None
 
 
-def _system_busy_seconds() -> float | None:
-    """CPU time all processes have used since boot (Linux /proc/stat; steal time counts, since
-    the hypervisor took it from us), or None where unavailable."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = fh.readline().split()
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    except (OSError, ValueError):
-        return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def _own_cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -197,14 +186,14 @@ class Stopwatch:
     other_cores: float | None
 
     def __enter__(self) -> Stopwatch:
-        self._busy, self._own = _system_busy_seconds(), _own_cpu_seconds()
+        self._busy, self._own = busy_seconds(), _own_cpu_seconds()
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
         self.cpu_seconds = _own_cpu_seconds() - self._own
-        busy = _system_busy_seconds()
+        busy = busy_seconds()
         self.other_cores = None
         if busy is not None and self._busy is not None and self.seconds > 0:
             other = (busy - self._busy) - (_own_cpu_seconds() - self._own)

@@ -80,7 +80,7 @@ def test_a_busy_machine_is_reported_once(monkeypatch):
     """Other processes' CPU time during a fit (here: 1 of 2 cores, simulated) gives one
     RuntimeWarning per process; an idle machine gives none."""
     clock = iter(range(0, 10_000, 1))
-    monkeypatch.setattr(threads, "_busy_seconds", lambda: float(next(clock)) * 1e6)
+    monkeypatch.setattr(threads, "busy_seconds", lambda: float(next(clock)) * 1e6)
     monkeypatch.setattr(threads, "_MIN_SECONDS", 0.0)
     monkeypatch.setattr(threads, "_warned", False)
     W = torch.randn(40, 3, 3, generator=torch.Generator().manual_seed(1))
@@ -90,7 +90,7 @@ def test_a_busy_machine_is_reported_once(monkeypatch):
         warnings.simplefilter("error")
         fit_kernels(W, families=["Lg"], device="cpu")  # once per process
     monkeypatch.setattr(threads, "_warned", False)
-    monkeypatch.setattr(threads, "_busy_seconds", lambda: 0.0)  # nobody else ran
+    monkeypatch.setattr(threads, "busy_seconds", lambda: 0.0)  # nobody else ran
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_kernels(W, families=["Lg"], device="cpu")

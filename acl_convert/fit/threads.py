@@ -111,7 +111,7 @@ _MIN_SECONDS = 2.0
 _warned = False
 
 
-def _busy_seconds() -> float | None:
+def busy_seconds() -> float | None:
     """CPU time all processes have used since boot (Linux /proc/stat; steal time counts, since
     the hypervisor gave it to someone else), or None where unavailable."""
     try:
@@ -130,7 +130,7 @@ class Contention:
     fit of the same conversion)."""
 
     def __init__(self) -> None:
-        self._busy, self._own, self._t0 = _busy_seconds(), time.process_time(), time.perf_counter()
+        self._busy, self._own, self._t0 = busy_seconds(), time.process_time(), time.perf_counter()
 
     def warning(self, n_threads: int) -> str | None:
         """A one-line explanation when other processes used more than :data:`BUSY_CORES` cores
@@ -138,7 +138,7 @@ class Contention:
         process (a conversion fits many layers on the same busy machine)."""
         global _warned
         wall = time.perf_counter() - self._t0
-        after = _busy_seconds()
+        after = busy_seconds()
         if _warned or self._busy is None or after is None or wall < _MIN_SECONDS:
             return None
         other = max(0.0, (after - self._busy) - (time.process_time() - self._own)) / wall

@@ -76,6 +76,19 @@ class ConvLayer:
         """``(h, w)``."""
         return self.shape[2], self.shape[3]
 
+    def conv_kwargs(self) -> dict:
+        """``stride``, ``padding``, ``dilation``, ``groups``, ``padding_mode`` as ``nn.Conv2d``
+        takes them; empty when the conv's hyper-parameters are unknown (no model)."""
+        if self.groups is None:
+            return {}
+        return dict(
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+        )
+
     @property
     def num_kernels(self) -> int:
         """``Co * Ci/groups``: the number of h x w kernels, each fitted on its own."""
