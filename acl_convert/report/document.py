@@ -16,6 +16,7 @@ from ..conversion import Conversion, LayerResult
 
 __all__ = [
     "build_report",
+    "family_counts_shown",
     "kernel_columns",
     "decode_columns",
     "layer_summary",
@@ -106,6 +107,19 @@ def _chosen(res: LayerResult) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     weighted = res.fit.weighted
     return pick(res.fit.residuals), None if weighted is None else pick(weighted)
+
+
+def family_counts_shown(layer: dict[str, Any]) -> dict[str, int]:
+    """A report layer's kernels per family as people see them: pruned (all-zero) kernels as
+    their own ``zero`` count, taken out of the family the fit gave them (Mean; plain when a
+    threshold or budget kept them plain)."""
+    counts, left = dict(layer["family_counts"]), layer.get("zero_kernels", 0)
+    for code in ("M", "P"):
+        take = min(left, counts.get(code, 0))
+        counts[code] = counts.get(code, 0) - take
+        left -= take
+    counts = {c: n for c, n in counts.items() if n}
+    return counts | ({"zero": layer["zero_kernels"]} if layer.get("zero_kernels") else {})
 
 
 #: Longest run-length pattern the report spells out.

@@ -17,6 +17,8 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .document import family_counts_shown
+
 __all__ = ["render_html", "page", "section", "paragraph", "table", "figure", "Cell"]
 
 #: A table cell: text (escaped), a number (formatted), or None (shown as "-").
@@ -151,8 +153,9 @@ def _quantile(entry: Mapping[str, Any] | None, key: str) -> float | None:
     return None if not entry else entry.get(key)
 
 
-def _families(counts: Mapping[str, int]) -> str:
+def _families(layer: Mapping[str, Any]) -> str:
     # A no-break space inside "G 69", so a long list wraps between families only.
+    counts = family_counts_shown(dict(layer))
     return " ".join(f"{code}\u00a0{n}" for code, n in counts.items())
 
 
@@ -188,7 +191,7 @@ def _summary(report: Mapping[str, Any], anchors: Mapping[str, str]) -> str:
             "x".join(str(s) for s in lay["shape"]),
             lay["kernels"],
             lay["converted"],
-            _families(lay["family_counts"]),
+            _families(lay),
             lay["compact_factor"],
             _quantiles(lay.get("residual")),
             _quantiles(lay.get("best_residual")),
@@ -278,7 +281,7 @@ def render_html(
         res = lay.get("residual") or {}
         stats = (
             f"{lay['kernels']:,} kernels of shape {'x'.join(map(str, lay['shape']))}, "
-            f"{lay['converted']:,} analytic ({_families(lay['family_counts'])}), "
+            f"{lay['converted']:,} analytic ({_families(lay)}), "
             f"compact factor {lay['compact_factor']:.4f}, "
             f"residual median {_text(_quantile(res, 'median'))}"
         )

@@ -9,23 +9,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .document import family_counts_shown
+
 __all__ = ["print_report", "print_fidelity"]
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
-
-
-def _families(counts: dict[str, int], zero: int) -> str:
-    """``G69 P219``; pruned (all-zero) kernels as their own ``zero`` count, taken out of the
-    family the fit gave them (Mean; plain when a threshold or budget kept them plain)."""
-    counts, left = dict(counts), zero
-    for code in ("M", "P"):
-        take = min(left, counts.get(code, 0))
-        counts[code] = counts.get(code, 0) - take
-        left -= take
-    parts = [f"{c}{n}" for c, n in counts.items() if n]
-    return " ".join(parts + ([f"zero{zero}"] if zero else []))
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -54,7 +44,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         just = "left" if col in ("layer", "families") else "right"
         table.add_column(col, justify=just, no_wrap=col in ("layer", "params"))
     for lay in layers:
-        fams = _families(lay["family_counts"], lay.get("zero_kernels", 0))
+        fams = " ".join(f"{c}{n}" for c, n in family_counts_shown(lay).items())
         row = [
             Text(lay["name"]),
             str(lay["kernels"]),
