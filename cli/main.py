@@ -428,12 +428,13 @@ def demo_cmd(
 ) -> None:
     """Convert the real sample that comes with acl-convert (SqueezeNet 1.0's first layer, 288
     ImageNet kernels): AnaNN, report, kernel picture and HTML report in one folder."""
-    out.print(
-        "acl-convert demo: converting the real sample that comes with acl-convert, the first\n"
-        "convolution of SqueezeNet 1.0 (Deep Compression, ImageNet; features.0: 96×3×7×7 = 288\n"
-        "kernels, tensors only), with the default settings.\n",
-        highlight=False,
-    )
+    if not quiet:
+        out.print(
+            "acl-convert demo: converting the real sample that comes with acl-convert, the "
+            "first\nconvolution of SqueezeNet 1.0 (Deep Compression, ImageNet; features.0: "
+            "96×3×7×7 = 288\nkernels, tensors only), with the default settings.\n",
+            highlight=False,
+        )
     with _progress(quiet) as bar:
         result = acl_convert.demo(folder, progress=_conversion_progress(bar)[0])
     if not quiet:
