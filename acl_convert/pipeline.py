@@ -32,7 +32,7 @@ from .errors import UsageError, UserError, note, option
 from .fit import FitResult, fit_kernels
 from .fit.joint import refit_layer
 from .fit.select import Rule, choose, meet_error_bound
-from .fit.threads import fit_threads
+from .fit.threads import compute_threads, fit_threads
 from .io.arch import model_for, parse_arch, recognise
 from .io.checkpoint import check_finite, load_checkpoint
 from .io.images import list_images, load_batches, preprocessing
@@ -474,7 +474,8 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
                 progress(f"inputs of {name}", done, calibration.images)
 
         reference = model if against_original else None
-        return calibration.moments(current, name, report, reference=reference)
+        with compute_threads():
+            return calibration.moments(current, name, report, reference=reference)
 
     fits: dict[str, FitResult] = {}
     if model_budget:

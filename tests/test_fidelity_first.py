@@ -584,3 +584,54 @@ def test_compensated_target_undoes_upstream_error(tiny_setup):
     err_plain = float((plain - outs["o"]).norm())
     err_comp = float((comp - outs["o"]).norm())
     assert err_comp < 0.9 * err_plain, (err_comp, err_plain)
+
+
+def test_joint_resolve_keeps_plain_kernels_when_they_would_make_it_too_big(monkeypatch):
+    """Beyond PLAIN_RESOLVE_LIMIT unknowns the plain kernels keep their values and the gains,
+    offsets and bias are the least-squares solution around them: the gradient of the output
+    error along each of those columns vanishes."""
+    from acl_convert.fit import joint
+
+    W, bias, _x, mom = _toy_layer(seed=5)
+    co, ci, k, _ = W.shape
+    fit = fit_kernels(W.reshape(-1, k, k), families=["G"], device="cpu")
+    sel = fit.select(1.0)
+    for j in (1, 4):  # a plain kernel in two output channels
+        sel.codes[j], sel.choice[j] = "P", -1
+    start = fit.assignment(sel, W, bias)
+    monkeypatch.setattr(joint, "PLAIN_RESOLVE_LIMIT", 1)
+    sol = resolve(start, W, bias, mom.full)
+    a = sol.assignment
+    assert torch.equal(a.plain[[1, 4]], start.plain[[1, 4]])
+    assert bool((sol.error_after <= sol.error_before + 1e-12).all())
+    sig = mom.full[0]
+    d = ci * k * k
+    unit = start.replace(gain=torch.ones_like(start.gain), offset=torch.zeros_like(start.offset))
+    base = unit.kernels().reshape(co, ci, k * k)
+    approx = a.kernels().reshape(co, d)
+    for q in range(co):
+        v = torch.cat([approx[q], a.bias[q : q + 1]]) - torch.cat([W[q].flatten(), bias[q : q + 1]])
+        grad = sig @ v.double()  # d(err)/d(vector), up to a factor 2
+        cols, coef = [], []
+        for p in range(ci):
+            j = q * ci + p
+            if a.codes[j] == "P":
+                continue
+            col = torch.zeros(d + 1, dtype=torch.float64)
+            col[p * k * k : (p + 1) * k * k] = base[q, p]
+            cols.append(col)  # the gain's column
+            col = torch.zeros(d + 1, dtype=torch.float64)
+            col[p * k * k : (p + 1) * k * k] = 1
+            cols.append(col)  # the offset's
+            coef += [float(a.gain[j]), float(a.offset[j])]
+        col = torch.zeros(d + 1, dtype=torch.float64)
+        col[d] = 1
+        cols.append(col)  # the bias's
+        coef.append(float(a.bias[q]))
+        phi = torch.stack(cols, 1)
+        normal = phi.T @ sig @ phi
+        scale = normal.diagonal().sqrt() * (v.double() @ sig @ v.double()).sqrt()
+        # Stationary up to the ridge's pull (RIDGE * mean diag * coefficient: a near-flat
+        # Gabor's gain runs to the thousands) and float64 rounding.
+        pull = joint.RIDGE * normal.diagonal().mean() * torch.tensor(coef).abs()
+        assert bool(((phi.T @ grad).abs() <= 1e-6 * scale + 2 * pull + 1e-12).all()), q

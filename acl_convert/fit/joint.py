@@ -155,10 +155,18 @@ def _with_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
+#: Most unknowns of one output channel's re-solve with its plain kernels free. Every plain kernel
+#: adds ``h*w`` of them and the solve costs their cube: a 512-channel 3x3 layer kept mostly
+#: plain has ~4600, ~10^13 operations per layer. Beyond this the plain kernels stay as they are
+#: and only the ACKs' gains, offsets and the bias are re-solved (with the plain part fixed).
+PLAIN_RESOLVE_LIMIT = 1200
+
+
 class _Linear:
     """The linear least-squares problem of each output channel: its ACKs' gains (columns: the
-    unscaled family shapes), their offsets, its plain kernels' values and its bias, under the
-    patch moments ``S``; ``min (t - Phi c)^T S (t - Phi c)`` over ``c``."""
+    unscaled family shapes), their offsets, its plain kernels' values (unless that would make
+    more than :data:`PLAIN_RESOLVE_LIMIT` unknowns) and its bias, under the patch moments
+    ``S``; ``min (t - Phi c)^T S (t - Phi c)`` over ``c``."""
 
     def __init__(self, assignment: Assignment, sig: Tensor, with_bias: bool) -> None:
         co, cg, h, w = assignment.shape
@@ -168,6 +176,7 @@ class _Linear:
             gain=torch.ones_like(assignment.gain), offset=torch.zeros_like(assignment.offset)
         )
         self.base = unit.kernels().view(co, cg, self.n)
+        self.plain = assignment.plain.double().reshape(co, cg, self.n)
         is_plain = torch.tensor([c == PLAIN for c in assignment.codes]).view(co, cg)
         has_offset = assignment.has_offset().view(co, cg)
         self.analytic = [(~is_plain[q]).nonzero()[:, 0] for q in range(co)]
@@ -184,6 +193,13 @@ class _Linear:
         cg, n = self.cg, self.n
         d = cg * n
         sigma = self.sig[q // self.per_group]
+        fixed = None
+        if len(analytic) + len(offs) + len(plains) * n + 1 > PLAIN_RESOLVE_LIMIT:
+            # Too many unknowns: the plain kernels keep their values, the rest fits around them.
+            fixed = torch.zeros(d + 1, dtype=torch.float64)
+            fixed[:d].view(cg, n)[plains] = self.plain[q, plains]
+            target = target - fixed
+            plains = plains[:0]
         s3 = sigma[:, :d].reshape(d + 1, cg, n)  # columns of S by (input channel, pixel)
         base = self.base[q]
         # S @ Phi without forming Phi: every column of Phi lives in one input channel's block.
@@ -219,6 +235,9 @@ class _Linear:
         b_new = coef[-1] if self.with_bias else None
         if b_new is not None:
             new[d] = b_new
+        if fixed is not None:
+            new += fixed
+            p_new = self.plain[q, self.plains[q]]
         return new, (g_new, o_new, p_new, b_new)
 
 

@@ -13,9 +13,10 @@ runs there (they do share Python's lock: on a saturated machine two threads cost
 more than one, docs/performance.md). And the result does not depend on the thread count: every
 chunk is fitted the same way, single-threaded, whichever thread runs it.
 
-The rest of the fitting code (the joint re-solve, the budget, the calibration passes) runs on
-one torch thread (:func:`fit_threads`). ``ACL_CONVERT_THREADS=N`` overrides both: ``N`` chunk
-threads in ``fit_kernels``, ``N`` torch threads elsewhere.
+The rest of the fitting code (the joint re-solve, the budget) runs on one torch thread
+(:func:`fit_threads`); the calibration passes, whole forwards and large moment products, use
+torch's threads on every core (:func:`compute_threads`). ``ACL_CONVERT_THREADS=N`` overrides
+all three: ``N`` chunk threads in ``fit_kernels``, ``N`` torch threads elsewhere.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["fit_threads", "single_threaded", "workers", "map_in_order", "Contention"]
+__all__ = [
+    "fit_threads",
+    "compute_threads",
+    "single_threaded",
+    "workers",
+    "map_in_order",
+    "Contention",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,6 +74,19 @@ def fit_threads() -> Iterator[None]:
     restore the caller's."""
     before = torch.get_num_threads()
     torch.set_num_threads(_override() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def compute_threads() -> Iterator[None]:
+    """Run the block with torch's intra-op threads on every core the process may use
+    (``ACL_CONVERT_THREADS`` overrides): for the calibration passes, whole-network forwards and
+    large moment products, where each operation is big enough to split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(workers())
     try:
         yield
     finally:
