@@ -177,12 +177,22 @@ class _Linear:
         )
         self.base = unit.kernels().view(co, cg, self.n)
         self.plain = assignment.plain.double().reshape(co, cg, self.n)
+        self._sums: dict[int, Tensor] = {}
         is_plain = torch.tensor([c == PLAIN for c in assignment.codes]).view(co, cg)
         has_offset = assignment.has_offset().view(co, cg)
         self.analytic = [(~is_plain[q]).nonzero()[:, 0] for q in range(co)]
         self.plains = [is_plain[q].nonzero()[:, 0] for q in range(co)]
         self.offs = [has_offset[q].nonzero()[:, 0] for q in range(co)]
         self.per_group = co // len(sig)
+
+    def _channel_sums(self, q: int) -> Tensor:
+        """``(D + 1, Ci/groups)``: the columns of ``S`` summed over each input channel's pixels
+        (what an offset adds), for output channel ``q``'s group; computed once per group."""
+        g = q // self.per_group
+        if g not in self._sums:
+            d = self.cg * self.n
+            self._sums[g] = self.sig[g][:, :d].reshape(d + 1, self.cg, self.n).sum(-1)
+        return self._sums[g]
 
     def solve(self, q: int, target: Tensor) -> tuple[Tensor, tuple] | None:
         """The best ``(D + 1,)`` weights-and-bias of output channel ``q`` and its coefficients
@@ -203,9 +213,11 @@ class _Linear:
         s3 = sigma[:, :d].reshape(d + 1, cg, n)  # columns of S by (input channel, pixel)
         base = self.base[q]
         # S @ Phi without forming Phi: every column of Phi lives in one input channel's block.
+        # Contracted over all channels and then picked: indexing S by channel first would copy
+        # it for every output channel (170 MB each on a 512-channel 3x3 layer).
         s_cols = [
-            torch.einsum("dpn,pn->dp", s3[:, analytic], base[analytic]),
-            s3[:, offs].sum(-1),
+            torch.einsum("dpn,pn->dp", s3, base)[:, analytic],
+            self._channel_sums(q)[:, offs],
             s3[:, plains].reshape(d + 1, -1),
         ]
         if self.with_bias:
