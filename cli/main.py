@@ -659,8 +659,9 @@ def evaluate_cmd(
     arch: str = typer.Option(
         None,
         "--arch",
-        help="torchvision architecture name (e.g. resnet50). Default: recorded in the AnaNN, "
-        "or detected from the checkpoint.",
+        help="The network (a torchvision name, timm:NAME or path/to/file.py:Factory; importing "
+        "your own code runs it). Default: recorded in the AnaNN, or detected from the "
+        "checkpoint.",
     ),
     compare: Path = typer.Option(
         None,
@@ -680,55 +681,34 @@ def evaluate_cmd(
     debug: bool = DebugOpt,
 ) -> None:
     """Measure the top-1 and top-5 accuracy of MODEL on a folder of labelled images."""
-    from acl_convert.io.images import load_image, preprocessing
     from acl_convert.io.labelled import labelled_images
-    from acl_convert.train.evaluate import evaluate, num_outputs
+    from acl_convert.train.evaluate import evaluate_files
 
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}; leave it out for all images")
-    dev = check_device(device)
-    # The data first: a wrong folder is found before a large model is loaded.
-    dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
-    network, arch = _load_network(model, arch, trust_pickle, trust_code, quiet)
-    reference = None
-    if compare is not None:
-        reference, _ = _load_network(compare, arch, trust_pickle, trust_code, quiet)
-    transform = preprocessing(arch, network)
-    example = load_image(dataset.samples[0].path, transform)
-    classes_out = num_outputs(network.to(dev), example)
-    if reference is not None:
-        ref_out = num_outputs(reference.to(dev), example)
-        if ref_out != classes_out:
-            raise UsageError(
-                f"{compare} scores {ref_out} classes but {model} scores {classes_out}; "
-                "compare with the network MODEL was converted from"
-            )
-    dataset.check_labels(classes_out)
-    _note(quiet, f"evaluating {len(dataset)} images of {data} ({dataset.layout}) on {dev}")
+    notes: list[str] = []
+    total = len(labelled_images(data, labels=labels, classes=classes).head(limit))
     with _progress(quiet) as bar:
-        task = bar.add_task("images", total=len(dataset))
-        result = evaluate(
-            network,
-            dataset.batches(transform, batch_size),
-            reference=reference,
+        task = bar.add_task(f"evaluating {total} images", total=total)
+        result = evaluate_files(
+            model,
+            data,
+            compare=compare,
+            labels=labels,
+            classes=classes,
+            arch=arch,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            trust_pickle=trust_pickle,
+            trust_code=trust_code,
             progress=lambda n: bar.advance(task, n),
-            names=(str(model), str(compare)),
+            notes=notes,
         )
+    for line in notes:
+        _note(quiet, line)
     if as_json:
-        doc = {
-            "model": str(model),
-            "arch": arch,
-            "data": str(data),
-            "layout": dataset.layout,
-            **result,
-        }
-        if compare is not None:
-            doc["reference"] = {"model": str(compare), **result["reference"]}
-        typer.echo(json.dumps(doc, indent=1))
+        typer.echo(json.dumps(result, indent=1))
         return
-    _print_evaluation(result, model, compare, f"{data.name}, {dataset.layout}")
+    _print_evaluation(result, model, compare, f"{data.name}, {result['layout']}")
 
 
 def _load_network(path: Path, arch, trust_pickle: bool, trust_code: bool, quiet: bool):

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import UsageError, UserError, option
 
-__all__ = ["evaluate", "num_outputs"]
+__all__ = ["evaluate", "evaluate_files", "num_outputs"]
 
 
 @torch.no_grad()
@@ -97,3 +98,65 @@ def evaluate(
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def evaluate_files(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    compare: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    classes: str | os.PathLike | None = None,
+    arch: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    progress: Callable[[int], None] | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    """``acl-convert evaluate`` in one call: the top-k accuracy of the network in ``model`` (an
+    AnaNN or a checkpoint) on the labelled images of ``data`` (docs/evaluate.md), and with
+    ``compare`` its agreement with that reference network.
+
+    Returns :func:`evaluate`'s result plus ``model``, ``arch``, ``data``, ``layout`` (how the
+    labels were found) and, with a reference, ``reference["model"]``. ``notes`` receives what was
+    found on the way (the architecture, unwrapping); ``progress(images)`` follows the batches.
+    """
+    from ..io.images import load_image, preprocessing
+    from ..io.labelled import labelled_images
+    from ..io.network import load_network
+    from ..settings import check_device
+
+    if batch_size < 1:
+        raise UsageError(f"{option('batch_size')} must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"{option('limit')} must be at least 1, got {limit}; leave it out for all")
+    dev = check_device(device)
+    # The data first: a wrong folder is found before a large model is loaded.
+    dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
+    kw = dict(trust_pickle=trust_pickle, trust_code=trust_code, notes=notes)
+    network, spec = load_network(model, arch=arch, **kw)
+    reference = None if compare is None else load_network(compare, arch=spec, **kw)[0]
+    transform = preprocessing(spec, network)
+    example = load_image(dataset.samples[0].path, transform)
+    n_classes = num_outputs(network.to(dev), example)
+    if reference is not None and num_outputs(reference.to(dev), example) != n_classes:
+        raise UsageError(
+            f"{compare} scores {num_outputs(reference, example)} classes but {model} scores "
+            f"{n_classes}; compare with the network it was converted from"
+        )
+    dataset.check_labels(n_classes)
+    result = evaluate(
+        network,
+        dataset.batches(transform, batch_size),
+        reference=reference,
+        progress=progress,
+        names=(str(model), str(compare)),
+    )
+    out = {"model": str(model), "arch": spec, "data": str(data), "layout": dataset.layout}
+    out.update(result)
+    if reference is not None:
+        out["reference"] = {"model": str(compare), **result["reference"]}
+    return out
