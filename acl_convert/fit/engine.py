@@ -279,17 +279,17 @@ class _Tables:
         dev: torch.device,
     ) -> _Tables:
         """Tables of ``n_kernels`` stacks of ``n_chan`` kernels, all zero."""
-        residuals = torch.zeros(n_kernels, len(codes), dtype=dtype, device=dev)
 
-        def per_family(width: Callable[[str], int]) -> dict[str, Tensor]:
-            return {c: torch.zeros(n_kernels, width(c), dtype=dtype, device=dev) for c in codes}
+        def table(width: int) -> Tensor:
+            return torch.zeros(n_kernels, width, dtype=dtype, device=dev)
 
+        residuals = table(len(codes))
         return cls(
             residuals,
             torch.zeros_like(residuals),
-            per_family(lambda c: kernels.get(c).num_params),
-            per_family(lambda c: n_chan),
-            per_family(lambda c: n_chan),
+            {c: table(kernels.get(c).num_params) for c in codes},
+            {c: table(n_chan) for c in codes},
+            {c: table(n_chan) for c in codes},
         )
 
     def put(
