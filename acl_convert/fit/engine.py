@@ -230,8 +230,9 @@ def _run(
     dev: torch.device,
     progress: ProgressFn | None,
 ) -> None:
-    """Fit the chunks ``tasks`` in order, on the CPU on one thread per core, reporting progress
-    after each and, at the end, a machine too busy to fit at full speed."""
+    """``fit_chunk`` on every task, on :func:`.threads.workers` threads on the CPU (one on a
+    GPU), with ``progress`` called after each in order; then a warning if other processes kept
+    the CPU busy meanwhile."""
     n_threads = threads.workers() if dev.type == "cpu" else 1
     contention = threads.Contention()
     for code, done in threads.map_in_order(fit_chunk, tasks, n_threads):
