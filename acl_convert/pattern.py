@@ -144,76 +144,17 @@ def parse_full(text: str) -> Pattern:
     if not isinstance(text, str):
         raise TypeError(f"a pattern must be a str, got {type(text).__name__}")
     codes = _known_codes()
-    pos = _WS.match(text, 0).end()
-    ci = co = None
-
-    if text.startswith("(", pos):
-        m = _PREFIX.match(text, pos)
-        if m is None:
-            close = text.find(")", pos)
-            bad = text[pos : close + 1] if close >= 0 else text[pos:]
-            raise ValueError(
-                f"bad channel prefix {bad!r} at position {pos} in {text!r}; "
-                "expected '(Ci x Co)' with two positive integers, e.g. '(3x64)'"
-            )
-        ci, co = int(m.group(1)), int(m.group(2))
-        if ci < 1 or co < 1:
-            raise ValueError(
-                f"bad channel prefix {m.group(0)!r} in {text!r}; channel numbers must be >= 1"
-            )
-        pos = m.end()
-
+    ci, co, pos = _parse_prefix(text)
     items: list[Item] = []
     tokens: list[str] = []  # each item as written, for error messages
     while True:
         pos = _WS.match(text, pos).end()
         if pos >= len(text):
             break
-        code = _match_code(text, pos, codes)
-        if code is None and text.startswith("(", pos):
-            raise ValueError(
-                f"misplaced channel prefix {text[pos:]!r} at position {pos} in {text!r}; "
-                "expected the '(Ci x Co)' prefix only at the start of the pattern"
-            )
-        if code is None:
-            raise ValueError(
-                f"unknown kernel code {_fragment(text, pos)!r} at position {pos} in {text!r}; "
-                f"expected one of {_expected_codes()}"
-            )
-        after = pos + len(code)
-        if after < len(text) and text[after].isalpha() and _match_code(text, after, codes) is None:
-            # ``Gx30``: the letters run on past a valid code into something unknown, so the whole
-            # run, not the code, is what the user mistyped.
-            raise ValueError(
-                f"unknown kernel code {_fragment(text, pos)!r} at position {pos} in {text!r}; "
-                f"expected one of {_expected_codes()}"
-            )
-        npos = _WS.match(text, after).end()
-        if text.startswith("-", npos):
-            m = _NUMBER.match(text, npos + 1)
-            bad = text[pos : m.end()] if m else text[pos : npos + 1]
-            raise ValueError(
-                f"negative count or ratio {bad!r} at position {pos} in {text!r}; "
-                "expected a positive number after the code"
-            )
-        m = _NUMBER.match(text, npos)
-        if m is None:
-            found = repr(_fragment(text, npos)) if npos < len(text) else "the end of the pattern"
-            raise ValueError(
-                f"missing number after kernel code {code!r} at position {pos} in {text!r} "
-                f"(found {found}); expected a count like '{code}30' or a ratio like '{code}0.25'"
-            )
-        num_text = m.group(0)
-        value: Number = float(num_text) if "." in num_text else int(num_text)
-        token = text[pos : m.end()]
-        if value == 0:
-            raise ValueError(
-                f"zero-length run {token!r} at position {pos} in {text!r}; "
-                "expected a positive count or ratio (leave the code out instead)"
-            )
+        code, value, end = _parse_item(text, pos, codes)
         items.append((code, value))
-        tokens.append(token)
-        pos = m.end()
+        tokens.append(text[pos:end])
+        pos = end
 
     if not items:
         raise ValueError(
@@ -241,6 +182,75 @@ def parse_full(text: str) -> Pattern:
                 f"{ci}*{co} = {ci * co} kernels"
             )
     return Pattern(tuple(items), ci, co, is_ratio)
+
+
+def _parse_prefix(text: str) -> tuple[int | None, int | None, int]:
+    """``Ci`` and ``Co`` of the ``(Ci x Co)`` prefix of ``text`` (None, None without one) and
+    the position after it."""
+    pos = _WS.match(text, 0).end()
+    if not text.startswith("(", pos):
+        return None, None, pos
+    m = _PREFIX.match(text, pos)
+    if m is None:
+        close = text.find(")", pos)
+        bad = text[pos : close + 1] if close >= 0 else text[pos:]
+        raise ValueError(
+            f"bad channel prefix {bad!r} at position {pos} in {text!r}; "
+            "expected '(Ci x Co)' with two positive integers, e.g. '(3x64)'"
+        )
+    ci, co = int(m.group(1)), int(m.group(2))
+    if ci < 1 or co < 1:
+        raise ValueError(
+            f"bad channel prefix {m.group(0)!r} in {text!r}; channel numbers must be >= 1"
+        )
+    return ci, co, m.end()
+
+
+def _parse_item(text: str, pos: int, codes: list[str]) -> tuple[str, Number, int]:
+    """The item (code, then count or ratio) at ``pos`` in ``text``: its code, its number and the
+    position after it. ``codes`` are the known codes, longest first."""
+    code = _match_code(text, pos, codes)
+    if code is None and text.startswith("(", pos):
+        raise ValueError(
+            f"misplaced channel prefix {text[pos:]!r} at position {pos} in {text!r}; "
+            "expected the '(Ci x Co)' prefix only at the start of the pattern"
+        )
+    if code is None:
+        raise ValueError(
+            f"unknown kernel code {_fragment(text, pos)!r} at position {pos} in {text!r}; "
+            f"expected one of {_expected_codes()}"
+        )
+    after = pos + len(code)
+    if after < len(text) and text[after].isalpha() and _match_code(text, after, codes) is None:
+        # ``Gx30``: the letters run on past a valid code into something unknown, so the whole
+        # run, not the code, is what the user mistyped.
+        raise ValueError(
+            f"unknown kernel code {_fragment(text, pos)!r} at position {pos} in {text!r}; "
+            f"expected one of {_expected_codes()}"
+        )
+    npos = _WS.match(text, after).end()
+    if text.startswith("-", npos):
+        m = _NUMBER.match(text, npos + 1)
+        bad = text[pos : m.end()] if m else text[pos : npos + 1]
+        raise ValueError(
+            f"negative count or ratio {bad!r} at position {pos} in {text!r}; "
+            "expected a positive number after the code"
+        )
+    m = _NUMBER.match(text, npos)
+    if m is None:
+        found = repr(_fragment(text, npos)) if npos < len(text) else "the end of the pattern"
+        raise ValueError(
+            f"missing number after kernel code {code!r} at position {pos} in {text!r} "
+            f"(found {found}); expected a count like '{code}30' or a ratio like '{code}0.25'"
+        )
+    num_text = m.group(0)
+    value: Number = float(num_text) if "." in num_text else int(num_text)
+    if value == 0:
+        raise ValueError(
+            f"zero-length run {text[pos : m.end()]!r} at position {pos} in {text!r}; "
+            "expected a positive count or ratio (leave the code out instead)"
+        )
+    return code, value, m.end()
 
 
 def _prefix_text(ci: int, co: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -145,50 +146,28 @@ def fit_kernels(
         raise ValueError(f"starts must be >= 1, got {starts}")
     stack = W if tied else W[:, None]
     n_kernels, n_chan, h, w = stack.shape
-    n = h * w
-    flat = stack.reshape(n_kernels, n_chan, n).to(dev, dtype)
-    factors, group, scale = _metric(moments, channel, n_kernels, n_chan, n, dev, dtype)
+    flat = stack.reshape(n_kernels, n_chan, h * w).to(dev, dtype)
+    factors, group, scale = _metric(moments, channel, n_kernels, n_chan, h * w, dev, dtype)
     a = None if factors is None else factors[group]  # (N, T, n, n)
     plain_norm = flat.square().sum((1, 2)).sqrt()
     norms = plain_norm if a is None else lm.apply(flat, a, False).square().sum((1, 2)).sqrt()
     zero = plain_norm == 0
     unit = flat / torch.where(zero, torch.ones_like(norms), norms)[:, None, None]
 
-    residuals = torch.zeros(n_kernels, len(codes), dtype=dtype, device=dev)
-    weighted = torch.zeros_like(residuals)
-    # AKPs pass through both the working and the output dtype: the coarser one is what is kept.
-    store = min(dtype, W.dtype, key=lambda t: torch.finfo(t).bits)
-    proj_groups = None if factors is None else metric.projector(factors, offset)
-    n_threads = threads.workers() if dev.type == "cpu" else 1
-    params, gains, offsets = {}, {}, {}
+    tables = _Tables.zeros(codes, n_kernels, n_chan, dtype, dev)
     tasks = []
-    for col, code in enumerate(codes):
-        fam = kernels.get(code)
-        n_akp = fam.num_params
-        book = (
-            dictionary.build(fam, h, w, offset=offset, seed=seed, device=dev, dtype=dtype)
-            if n_akp
-            else None
-        )
-        # Gradients cannot carry a non-smooth family's fit across its jumps: more starts instead.
-        k = 0 if book is None else min(starts if fam.smooth else 2 * starts, book.u.shape[0])
-        # Bytes per kernel when all of a chunk's starts refine in one batch (on a GPU): value,
-        # Jacobian and a few temporaries per start, and the projector of every channel under a
-        # metric. On the CPU the refinement's batch is LM_VALUES, and chunks are just the units
-        # of work the threads share.
-        per_kernel = max(k, 1) * n * (n_akp + 8 + (n_chan * n if a is not None else 0)) * 8
-        per_kernel = per_kernel * torch.finfo(dtype).bits // 8 * n_chan
-        chunk = max(256, min(1 << 20, memory // max(per_kernel, 1)))
-        params[code] = torch.zeros(n_kernels, n_akp, dtype=dtype, device=dev)
-        gains[code] = torch.zeros(n_kernels, n_chan, dtype=dtype, device=dev)
-        offsets[code] = torch.zeros(n_kernels, n_chan, dtype=dtype, device=dev)
+    for col, fam in enumerate(map(kernels.get, codes)):
+        book, k, chunk = _plan(fam, unit, h, w, seed, starts, memory, offset, a is not None)
         tasks += [
             (col, fam, book, k, lo, min(lo + chunk, n_kernels)) for lo in range(0, n_kernels, chunk)
         ]
+    # AKPs pass through both the working and the output dtype: the coarser one is what is kept.
+    store = min(dtype, W.dtype, key=lambda t: torch.finfo(t).bits)
+    proj_groups = None if factors is None else metric.projector(factors, offset)
 
     def fit_chunk(task: tuple) -> tuple[str, int]:
         col, fam, book, k, lo, hi = task
-        akp, cost_w, cost_p, g, b = _fit_chunk(
+        fitted = _fit_chunk(
             fam,
             book,
             unit[lo:hi],
@@ -202,47 +181,165 @@ def fit_kernels(
             proj_groups=proj_groups,
             group=None if group is None else group[lo:hi],
         )
-        unit_norm = unit[lo:hi].square().sum((1, 2)).sqrt().clamp_min(1e-30)
-        residuals[lo:hi, col] = cost_p.sqrt() / unit_norm
-        weighted[lo:hi, col] = cost_w.sqrt()
-        params[fam.code][lo:hi] = akp
-        gains[fam.code][lo:hi] = g * norms[lo:hi, None]
-        offsets[fam.code][lo:hi] = b * norms[lo:hi, None]
+        tables.put(col, fam.code, lo, hi, fitted, unit[lo:hi], norms[lo:hi])
         return fam.code, hi - lo
 
+    _run(fit_chunk, tasks, dev, progress)
+    energy = _energy(flat, plain_norm, a, scale, group)
+    channels = n_chan if tied else None
+    return tables.result(
+        zero, energy, (h, w), channels, W.dtype, offset=offset, with_moments=a is not None
+    )
+
+
+def _plan(
+    fam: kernels.KernelFamily,
+    unit: Tensor,
+    h: int,
+    w: int,
+    seed: int,
+    starts: int,
+    memory: int,
+    offset: bool,
+    with_moments: bool,
+) -> tuple[dictionary.Dictionary | None, int, int]:
+    """How ``fam`` is fitted to the unit kernel stacks ``unit`` ``(N, T, h*w)``, on their device
+    and in their dtype (the other arguments are :func:`fit_kernels`'s): its dictionary (None
+    for a family without AKPs), the starts ``k`` refined per kernel, and the kernels per chunk."""
+    n_chan, n = unit.shape[1:]
+    n_akp = fam.num_params
+    book = (
+        dictionary.build(fam, h, w, offset=offset, seed=seed, device=unit.device, dtype=unit.dtype)
+        if n_akp
+        else None
+    )
+    # Gradients cannot carry a non-smooth family's fit across its jumps: more starts instead.
+    k = 0 if book is None else min(starts if fam.smooth else 2 * starts, book.u.shape[0])
+    # Bytes per kernel when all of a chunk's starts refine in one batch (on a GPU): value,
+    # Jacobian and a few temporaries per start, and the projector of every channel under a
+    # metric. On the CPU the refinement's batch is LM_VALUES, and chunks are just the units
+    # of work the threads share.
+    per_kernel = max(k, 1) * n * (n_akp + 8 + (n_chan * n if with_moments else 0)) * 8
+    per_kernel = per_kernel * torch.finfo(unit.dtype).bits // 8 * n_chan
+    return book, k, max(256, min(1 << 20, memory // max(per_kernel, 1)))
+
+
+def _run(
+    fit_chunk: Callable[[tuple], tuple[str, int]],
+    tasks: list[tuple],
+    dev: torch.device,
+    progress: ProgressFn | None,
+) -> None:
+    """``fit_chunk`` on every task, on :func:`.threads.workers` threads on the CPU (one on a
+    GPU), with ``progress`` called after each in order; then a warning if other processes kept
+    the CPU busy meanwhile."""
+    n_threads = threads.workers() if dev.type == "cpu" else 1
     contention = threads.Contention()
     for code, done in threads.map_in_order(fit_chunk, tasks, n_threads):
         if progress is not None:
             progress(code, done)
     if dev.type == "cpu" and (note := contention.warning(n_threads)):
-        # stacklevel: the caller of fit_kernels, past the single_threaded wrapper.
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
-    # An all-zero kernel is matched exactly by every family with gain 0 (SPEC §4).
-    residuals[zero] = 0
-    weighted[zero] = 0
-    out_dtype = W.dtype
+        # stacklevel: the caller of fit_kernels, past this function and the single_threaded
+        # wrapper.
+        warnings.warn(note, RuntimeWarning, stacklevel=4)
 
-    def out(t: Tensor) -> Tensor:
-        return (t if tied else t[:, 0]).to("cpu", out_dtype)
 
+def _energy(
+    flat: Tensor, plain_norm: Tensor, a: Tensor | None, scale: Tensor | None, group: Tensor | None
+) -> Tensor:
+    """Output energy ``(N,)`` float64 on the CPU of kernel stacks ``flat`` ``(N, T, n)`` whose
+    plain norms are ``plain_norm`` ``(N,)``: ``|w|^2`` without a metric, else ``E[(w . x)^2]`` in
+    the layer's units (summed over a stack's channels) from the factors ``a`` ``(N, T, n, n)``,
+    the moments' scales ``(C,)`` and each kernel's channel ``group`` ``(N, T)``."""
     if a is None:
-        energy = plain_norm.square().to("cpu", torch.float64)
-    else:
-        # E[(w . x)^2] per kernel in the layer's units (summed over a stack's channels).
-        per_chan = lm.apply(flat, a, False).square().sum(-1) * scale[group]
-        energy = per_chan.sum(1).to("cpu", torch.float64)
-    return FitResult(
-        families=codes,
-        residuals=residuals.to("cpu", out_dtype),
-        params={c: v.to("cpu", out_dtype) for c, v in params.items()},
-        gain={c: out(v) for c, v in gains.items()},
-        offset={c: out(v) for c, v in offsets.items()},
-        kernel_size=(h, w),
-        offset_enabled=bool(offset),
-        weighted=None if a is None else weighted.to("cpu", out_dtype),
-        energy=energy,
-        channels=n_chan if tied else None,
-    )
+        return plain_norm.square().to("cpu", torch.float64)
+    per_chan = lm.apply(flat, a, False).square().sum(-1) * scale[group]
+    return per_chan.sum(1).to("cpu", torch.float64)
+
+
+@dataclass
+class _Tables:
+    """What :func:`fit_kernels` fills in on the working device: relative residuals ``(N, F)``,
+    plain and under the metric, and per family code AKPs ``(N, P)``, gains and offsets
+    ``(N, T)`` at the kernels' own scale. A chunk writes rows ``lo:hi`` only, so chunks fill the
+    tables from separate threads."""
+
+    residuals: Tensor
+    weighted: Tensor
+    params: dict[str, Tensor]
+    gains: dict[str, Tensor]
+    offsets: dict[str, Tensor]
+
+    @classmethod
+    def zeros(
+        cls,
+        codes: Sequence[str],
+        n_kernels: int,
+        n_chan: int,
+        dtype: torch.dtype,
+        dev: torch.device,
+    ) -> _Tables:
+        """Tables of ``n_kernels`` stacks of ``n_chan`` kernels, all zero."""
+
+        def table(width: int) -> Tensor:
+            return torch.zeros(n_kernels, width, dtype=dtype, device=dev)
+
+        residuals = table(len(codes))
+        return cls(
+            residuals,
+            torch.zeros_like(residuals),
+            {c: table(kernels.get(c).num_params) for c in codes},
+            {c: table(n_chan) for c in codes},
+            {c: table(n_chan) for c in codes},
+        )
+
+    def put(
+        self, col: int, code: str, lo: int, hi: int, fitted: tuple, unit: Tensor, norms: Tensor
+    ) -> None:
+        """Store rows ``lo:hi`` of family ``code`` (column ``col``): ``fitted`` is what
+        :func:`_fit_chunk` returned for the unit stacks ``unit`` ``(hi-lo, T, n)``, whose norms
+        before scaling were ``norms`` ``(hi-lo,)``."""
+        akp, cost_w, cost_p, g, b = fitted
+        unit_norm = unit.square().sum((1, 2)).sqrt().clamp_min(1e-30)
+        self.residuals[lo:hi, col] = cost_p.sqrt() / unit_norm
+        self.weighted[lo:hi, col] = cost_w.sqrt()
+        self.params[code][lo:hi] = akp
+        self.gains[code][lo:hi] = g * norms[:, None]
+        self.offsets[code][lo:hi] = b * norms[:, None]
+
+    def result(
+        self,
+        zero: Tensor,
+        energy: Tensor,
+        kernel_size: tuple[int, int],
+        channels: int | None,
+        out_dtype: torch.dtype,
+        *,
+        offset: bool,
+        with_moments: bool,
+    ) -> FitResult:
+        """The filled tables as a :class:`FitResult` on the CPU in ``out_dtype``: ``zero``
+        ``(N,)`` marks the all-zero kernels, ``energy`` is :func:`_energy`'s, ``channels`` the
+        ``T`` of channel-tied stacks (None for single kernels)."""
+        # An all-zero kernel is matched exactly by every family with gain 0 (SPEC §4).
+        self.residuals[zero] = 0
+        self.weighted[zero] = 0
+
+        def out(t: Tensor) -> Tensor:
+            return (t if channels is not None else t[:, 0]).to("cpu", out_dtype)
+
+        return FitResult(
+            families=list(self.params),
+            residuals=self.residuals.to("cpu", out_dtype),
+            params={c: v.to("cpu", out_dtype) for c, v in self.params.items()},
+            gain={c: out(v) for c, v in self.gains.items()},
+            offset={c: out(v) for c, v in self.offsets.items()},
+            kernel_size=kernel_size,
+            offset_enabled=bool(offset),
+            weighted=self.weighted.to("cpu", out_dtype) if with_moments else None,
+            energy=energy,
+            channels=channels,
+        )
 
 
 def _metric(

@@ -224,6 +224,105 @@ def _admit(
     return state
 
 
+def _linearise(
+    family: KernelFamily, live: dict[str, Tensor], h: int, kw: int, offset: bool
+) -> tuple[Tensor, Tensor]:
+    """``J^T J`` ``(P, P, M)`` and ``J^T r`` ``(P, M)`` of the ``M`` kernels of the working set
+    ``live`` (see :func:`_admit`) at their current ``u``, one system per last index, contiguous:
+    what :func:`_solve_spd` reads. The Jacobian is formed only for the kernels whose ``u``
+    moved; ``live``'s stored systems are brought up to date."""
+    ua, wa, pa, f_t, gain = live["u"], live["w"], live.get("proj"), live["f"], live["gain"]
+    jtj, jtr, fresh = live["jtj"], live["jtr"], live["fresh"]
+    rows = fresh.nonzero()[:, 0]
+    if len(rows) == len(fresh):
+        d = _projected_jacobian(family, ua, h, kw, pa, offset)
+        jtj_s, jtr_s = _normal_equations(d, f_t, wa, gain)
+        live["jtj"], live["jtr"] = jtj_s.permute(2, 0, 1), jtr_s.T
+        return jtj_s, jtr_s
+    if len(rows):
+        d = _projected_jacobian(family, ua[rows], h, kw, None if pa is None else pa[rows], offset)
+        jtj_r, jtr_r = _normal_equations(d, f_t[rows], wa[rows], gain[rows])
+        jtj.index_copy_(0, rows, jtj_r.permute(2, 0, 1))
+        jtr.index_copy_(0, rows, jtr_r.T)
+    return jtj.permute(1, 2, 0).contiguous(), jtr.T.contiguous()
+
+
+def _damped_step(jtj_s: Tensor, jtr_s: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """The Levenberg-Marquardt step ``(P, M)`` of ``M`` kernels with normal equations
+    ``jtj_s`` ``(P, P, M)``, ``jtr_s`` ``(P, M)`` and damping ``lam`` ``(M,)`` (a zero step
+    where the damped system cannot be solved), and the decrease of the cost ``(M,)`` that the
+    linearised model promises for it."""
+    # Marquardt's scaling by diag(J^T J) makes the damping invariant to AKP units; the small
+    # identity term keeps flat directions (e.g. a decayed envelope) solvable.
+    system = jtj_s.clone()
+    torch.diagonal(system).add_(lam[:, None] * (torch.diagonal(jtj_s) + 1e-9))
+    step_t = torch.nan_to_num(_solve_spd(system, -jtr_s), nan=0.0, posinf=0.0, neginf=0.0)
+    # The gain the linearised model promises for the step, before the box cuts it back: a
+    # cut step can promise little (or nothing) in a direction that a more damped, shorter
+    # step inside the box would not take.
+    pred = -(2 * (step_t * jtr_s).sum(0) + ((jtj_s * step_t).sum(1) * step_t).sum(0))
+    return step_t, pred
+
+
+def _try_step(
+    family: KernelFamily,
+    live: dict[str, Tensor],
+    step_t: Tensor,
+    h: int,
+    kw: int,
+    offset: bool,
+    bounds: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """Take the step ``step_t`` ``(P, M)`` (cut back to ``bounds``) of every kernel of the
+    working set ``live`` whose true cost it lowers; the others stay where they are with more
+    damping. Updates ``live``; returns which kernels moved ``(M,)`` and the fraction of its
+    cost each one gained ``(M,)``."""
+    ua, wa, pa, cost, lam = live["u"], live["w"], live.get("proj"), live["cost"], live["lam"]
+    u_new = ua + step_t.T
+    if bounds is not None:
+        u_new = torch.maximum(torch.minimum(u_new, bounds[1]), bounds[0])
+    f_new = apply(_evaluate(family, u_new, h, kw), pa, offset)
+    g_new, c_new = solve_linear(wa, f_new)
+    c_new = c_new.sum(-1)
+    better = c_new < cost
+    gained = (cost - torch.where(better, c_new, cost)) / cost.clamp_min(_TINY)
+    live.update(
+        u=torch.where(better[:, None], u_new, ua),
+        f=torch.where(better[:, None, None], f_new, live["f"]),
+        gain=torch.where(better[:, None], g_new, live["gain"]),
+        cost=torch.where(better, c_new, cost),
+        lam=torch.where(better, lam * _ACCEPT, lam * _REJECT).clamp(1e-9, 1e9),
+        fresh=better,
+        iters=live["iters"] + 1,
+    )
+    return better, gained
+
+
+def _converged(
+    live: dict[str, Tensor],
+    better: Tensor,
+    gained: Tensor,
+    pred: Tensor,
+    rtol: float,
+    max_iter: int,
+) -> Tensor:
+    """Which kernels ``(M,)`` of the working set ``live`` are done after a step that moved
+    ``better`` ``(M,)`` of them, gaining the fractions ``gained`` ``(M,)`` of their cost where
+    the model promised decreases ``pred`` ``(M,)``."""
+    cost = live["cost"]
+    # A kernel is done when an accepted step lowers its cost by less than the fraction
+    # ``rtol`` (relative to the cost itself, so fits at the noise level still polish), when
+    # a rejected step was not even predicted to gain that much (more damping only shortens
+    # the step), when no step helps at any sensible damping, when the fit is exact, or
+    # after ``max_iter`` iterations.
+    return (
+        (better & (gained < rtol))
+        | (~better & ((pred < rtol * cost) | (live["lam"] > _GIVE_UP)))
+        | (cost / live["scale"] < 1e-12)
+        | (live["iters"] >= max_iter)
+    )
+
+
 def refine(
     family: KernelFamily,
     w: Tensor,
@@ -291,68 +390,14 @@ def refine(
             waiting = end
         if live is None or len(live["ids"]) == 0:
             break
-        ua, wa, pa, f_t, gain = live["u"], live["w"], live.get("proj"), live["f"], live["gain"]
-        cost, lam, jtj, jtr, fresh = (live[k] for k in ("cost", "lam", "jtj", "jtr", "fresh"))
-        rows = fresh.nonzero()[:, 0]
-        if len(rows) == len(fresh):
-            d = _projected_jacobian(family, ua, h, kw, pa, offset)
-            jtj_s, jtr_s = _normal_equations(d, f_t, wa, gain)
-            jtj, jtr = jtj_s.permute(2, 0, 1), jtr_s.T
-        else:
-            if len(rows):
-                d = _projected_jacobian(
-                    family, ua[rows], h, kw, None if pa is None else pa[rows], offset
-                )
-                jtj_r, jtr_r = _normal_equations(d, f_t[rows], wa[rows], gain[rows])
-                jtj.index_copy_(0, rows, jtj_r.permute(2, 0, 1))
-                jtr.index_copy_(0, rows, jtr_r.T)
-            # One system per last index, contiguous: what _solve_spd reads.
-            jtj_s, jtr_s = jtj.permute(1, 2, 0).contiguous(), jtr.T.contiguous()
-        # Marquardt's scaling by diag(J^T J) makes the damping invariant to AKP units; the small
-        # identity term keeps flat directions (e.g. a decayed envelope) solvable.
-        system = jtj_s.clone()
-        torch.diagonal(system).add_(lam[:, None] * (torch.diagonal(jtj_s) + 1e-9))
-        step_t = torch.nan_to_num(_solve_spd(system, -jtr_s), nan=0.0, posinf=0.0, neginf=0.0)
-        u_new = ua + step_t.T
-        if bounds is not None:
-            u_new = torch.maximum(torch.minimum(u_new, bounds[1]), bounds[0])
-        f_new = apply(_evaluate(family, u_new, h, kw), pa, offset)
-        g_new, c_new = solve_linear(wa, f_new)
-        c_new = c_new.sum(-1)
-        better = c_new < cost
-        # The gain the linearised model promises for the step, before the box cuts it back: a
-        # cut step can promise little (or nothing) in a direction that a more damped, shorter
-        # step inside the box would not take.
-        pred = -(2 * (step_t * jtr_s).sum(0) + ((jtj_s * step_t).sum(1) * step_t).sum(0))
-        gained = (cost - torch.where(better, c_new, cost)) / cost.clamp_min(_TINY)
-        cost = torch.where(better, c_new, cost)
-        lam = torch.where(better, lam * _ACCEPT, lam * _REJECT).clamp(1e-9, 1e9)
-        live.update(
-            u=torch.where(better[:, None], u_new, ua),
-            f=torch.where(better[:, None, None], f_new, f_t),
-            gain=torch.where(better[:, None], g_new, gain),
-            cost=cost,
-            lam=lam,
-            jtj=jtj,
-            jtr=jtr,
-            fresh=better,
-            iters=live["iters"] + 1,
-        )
-        # A kernel is done when an accepted step lowers its cost by less than the fraction
-        # ``rtol`` (relative to the cost itself, so fits at the noise level still polish), when
-        # a rejected step was not even predicted to gain that much (more damping only shortens
-        # the step), when no step helps at any sensible damping, when the fit is exact, or
-        # after ``max_iter`` iterations.
-        done = (
-            (better & (gained < rtol))
-            | (~better & ((pred < rtol * cost) | (lam > _GIVE_UP)))
-            | (cost / live["scale"] < 1e-12)
-            | (live["iters"] >= max_iter)
-        )
+        jtj_s, jtr_s = _linearise(family, live, h, kw, offset)
+        step_t, pred = _damped_step(jtj_s, jtr_s, live["lam"])
+        better, gained = _try_step(family, live, step_t, h, kw, offset, bounds)
+        done = _converged(live, better, gained, pred, rtol, max_iter)
         if bool(done.any()):
             ids = live["ids"][done]
             u_out[ids] = live["u"][done]
-            cost_out[ids] = cost[done]
+            cost_out[ids] = live["cost"][done]
             keep = (~done).nonzero()[:, 0]
             live = {k: v.index_select(0, keep) for k, v in live.items()}
     return u_out, cost_out

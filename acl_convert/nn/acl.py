@@ -34,6 +34,18 @@ from .assignment import Assignment
 __all__ = ["ACL", "channel_rows"]
 
 _PLAIN = "P"
+#: What an ACL takes over from the ``nn.Conv2d`` that validates its hyper-parameters.
+_CONV_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
 
 
 class ACL(nn.Module):
@@ -95,17 +107,7 @@ class ACL(nn.Module):
             padding_mode,
             device="meta",
         )
-        for attr in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "groups",
-            "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):
+        for attr in _CONV_ATTRIBUTES:
             setattr(self, attr, getattr(proto, attr))
         h, w = self.kernel_size
         n_kernels = out_channels * (in_channels // groups)
@@ -115,23 +117,9 @@ class ACL(nn.Module):
         self.gain_enabled = bool(gain)
         self.offset_enabled = bool(offset)
 
-        # Plain kernels and bias start as nn.Conv2d would start them.
-        init = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            groups=groups,
-            bias=bias,
-            device=device,
-            dtype=dtype,
+        init = _initial_conv(
+            in_channels, out_channels, kernel_size, groups, bias, generator, device, dtype
         )
-        if generator is not None:
-            # Same distribution as nn.Conv2d's kaiming_uniform(a=sqrt(5)) init, but reproducible.
-            with torch.no_grad():
-                bound = 1.0 / (in_channels // groups * h * w) ** 0.5
-                init.weight.uniform_(-bound, bound, generator=generator)
-                if bias:
-                    init.bias.uniform_(-bound, bound, generator=generator)
         flat_init = init.weight.detach().reshape(n_kernels, h, w)
 
         factory = {"device": device, "dtype": flat_init.dtype}
@@ -139,23 +127,7 @@ class ACL(nn.Module):
         self.gain = nn.ParameterDict()
         self.offset = nn.ParameterDict()
         for code, idx in groups_by_code.items():
-            index = torch.tensor(idx, dtype=torch.long, device=device)
-            self.register_buffer(_index_name(code), index)
-            if code == _PLAIN:
-                self.plain = nn.Parameter(flat_init[index].clone())
-                continue
-            n_rows = len(idx)
-            if code in rows:
-                self.register_buffer(_row_name(code), rows[code].to(device))
-                n_rows = int(rows[code].max()) + 1
-            fam = kernels.get(code)
-            if fam.num_params:
-                akps = fam.sample(n_rows, h, w, generator=generator, **factory)
-                self.akp[code] = nn.Parameter(fam.to_unconstrained(akps))
-            if self.gain_enabled:
-                self.gain[code] = nn.Parameter(torch.ones(len(idx), **factory))
-            if fam.carries_offset(self.offset_enabled, self.gain_enabled):
-                self.offset[code] = nn.Parameter(torch.zeros(len(idx), **factory))
+            self._register_family(code, idx, rows.get(code), flat_init, generator, factory)
         if _PLAIN not in codes:
             self.register_parameter("plain", None)
         self.bias = nn.Parameter(init.bias.detach().clone()) if bias else None
@@ -166,6 +138,39 @@ class ACL(nn.Module):
         # (all Mean, no gain, no bias) knows its dtype and device.
         self.register_buffer("_anchor", torch.empty(0, **factory), persistent=False)
         self.register_load_state_dict_pre_hook(_drop_cache_hook)
+
+    def _register_family(
+        self,
+        code: str,
+        idx: list[int],
+        rows: Tensor | None,
+        flat_init: Tensor,
+        generator: torch.Generator | None,
+        factory: dict,
+    ) -> None:
+        """Register the tensors of the kernels ``idx`` (kernel order) of family ``code``: their
+        index buffer, then either the plain kernels ``(n, h, w)`` taken from ``flat_init``
+        ``(Co*Ci/groups, h, w)``, or the AKPs ``(n_rows, P)`` (one row per kernel unless
+        ``rows`` ``(n,)`` shares them) and the gains and offsets ``(n,)`` the layer has.
+        ``factory`` holds the device and dtype of new tensors."""
+        h, w = self.kernel_size
+        index = torch.tensor(idx, dtype=torch.long, device=factory["device"])
+        self.register_buffer(_index_name(code), index)
+        if code == _PLAIN:
+            self.plain = nn.Parameter(flat_init[index].clone())
+            return
+        n_rows = len(idx)
+        if rows is not None:
+            self.register_buffer(_row_name(code), rows.to(factory["device"]))
+            n_rows = int(rows.max()) + 1
+        fam = kernels.get(code)
+        if fam.num_params:
+            akps = fam.sample(n_rows, h, w, generator=generator, **factory)
+            self.akp[code] = nn.Parameter(fam.to_unconstrained(akps))
+        if self.gain_enabled:
+            self.gain[code] = nn.Parameter(torch.ones(len(idx), **factory))
+        if fam.carries_offset(self.offset_enabled, self.gain_enabled):
+            self.offset[code] = nn.Parameter(torch.zeros(len(idx), **factory))
 
     # --- constructors ------------------------------------------------------------------------
 
@@ -663,6 +668,39 @@ class ACL(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         return self._anchor.dtype
+
+
+def _initial_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    groups: int,
+    bias: bool,
+    generator: torch.Generator | None,
+    device,
+    dtype,
+) -> nn.Conv2d:
+    """A ``nn.Conv2d`` with weight ``(Co, Ci/groups, h, w)`` and bias ``(Co,)`` (if ``bias``)
+    initialised as ``nn.Conv2d`` initialises them, drawn from ``generator`` when one is given:
+    where an ACL's plain kernels and bias start."""
+    init = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        groups=groups,
+        bias=bias,
+        device=device,
+        dtype=dtype,
+    )
+    if generator is not None:
+        # Same distribution as nn.Conv2d's kaiming_uniform(a=sqrt(5)) init, but reproducible.
+        with torch.no_grad():
+            h, w = init.kernel_size
+            bound = 1.0 / (in_channels // groups * h * w) ** 0.5
+            init.weight.uniform_(-bound, bound, generator=generator)
+            if bias:
+                init.bias.uniform_(-bound, bound, generator=generator)
+    return init
 
 
 def _index_name(code: str) -> str:

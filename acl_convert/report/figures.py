@@ -24,6 +24,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +250,24 @@ def kernel_mosaic(
     cats = _categories(codes, zero_kernels(orig))
     rgb = ci == 3
 
-    # A unit is one output channel (RGB) or one kernel (otherwise): (q, p or None).
+    units, total = _mosaic_units(chans, ci, rgb, max_tiles)
+    grid = _layout(len(units), h, w, ci, rgb)
+    fig_w = max(grid.width + 2 * _MARGIN, 7.5)
+    fig_h = _TITLE_H + (0.15 if rgb else 0) + grid.height + _LEGEND_H + 2 * _MARGIN
+    fig = _new_figure(fig_w, fig_h)
+    detail = _mosaic_detail(original.shape, units, total, rgb, channels is not None, threshold)
+    _mosaic_title(fig, title, detail, fig_w, fig_h)
+    ax = _grid_axes(fig, grid, fig_w, fig_h)
+    _draw_units(ax, grid, units, orig, fit, cats, res)
+    _mosaic_legend(fig, cats, rgb, fig_w, fig_h)
+    return fig
+
+
+def _mosaic_units(
+    chans: Sequence[int], ci: int, rgb: bool, max_tiles: int
+) -> tuple[list[tuple[int, int | None]], int]:
+    """The units shown, at most ``max_tiles``, and how many the output channels ``chans`` have:
+    a unit is one output channel (RGB), ``(q, None)``, or one kernel (otherwise), ``(q, p)``."""
     if rgb:
         units = [(q, None) for q in chans]
     else:
@@ -258,22 +276,55 @@ def kernel_mosaic(
     shown = min(total, max_tiles)
     if not rgb and ci < shown < total:
         shown -= shown % ci  # whole output channels, so no channel is shown in part
-    units = units[:shown]
+    return units[:shown], total
 
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where a mosaic's units go, in inches: ``n_tiles`` tiles of ``tw`` x ``th`` per unit
+    (RGB units: two composites, then three differences), units of ``unit_w`` x ``unit_h`` (label
+    line included) in ``cols`` columns, and the whole grid ``width`` x ``height`` (header line
+    included)."""
+
+    rgb: bool
+    tw: float
+    th: float
+    n_tiles: int
+    unit_w: float
+    unit_h: float
+    cols: int
+    width: float
+    height: float
+
+
+def _layout(n: int, h: int, w: int, ci: int, rgb: bool) -> _Grid:
+    """The grid of ``n`` units of ``h`` x ``w`` kernels with ``ci`` input channels."""
     tile = _tile_inches(h, w)
     th, tw = tile * h / max(h, w), tile * w / max(h, w)
     n_tiles = 5 if rgb else 3
     # RGB units leave a wider gap between the composites and the per-kernel differences.
     unit_w = n_tiles * tw + (n_tiles - 1) * _GAP + (2 * _GAP if rgb else 0)
     unit_h = _LABEL_H + th
-    cols = _columns(shown, unit_w, unit_h, ci, rgb)
-    rows = math.ceil(shown / cols)
+    cols = _columns(n, unit_w, unit_h, ci, rgb)
+    rows = math.ceil(n / cols)
     grid_w = cols * unit_w + (cols - 1) * _UNIT_GAP
     grid_h = _HEADER_H + rows * unit_h + (rows - 1) * _UNIT_GAP
-    fig_w = max(grid_w + 2 * _MARGIN, 7.5)
-    fig_h = _TITLE_H + (0.15 if rgb else 0) + grid_h + _LEGEND_H + 2 * _MARGIN
-    fig = _new_figure(fig_w, fig_h)
+    return _Grid(rgb, tw, th, n_tiles, unit_w, unit_h, cols, grid_w, grid_h)
 
+
+def _mosaic_detail(
+    shape: Sequence[int],
+    units: Sequence[tuple[int, int | None]],
+    total: int,
+    rgb: bool,
+    chosen: bool,
+    threshold: float | None,
+) -> str:
+    """The lines under a mosaic's title: the layer's ``(Co, Ci, h, w)`` ``shape``, which of its
+    ``total`` units are shown (``chosen``: the caller picked the channels) and how to read
+    them."""
+    co, ci, h, w = shape
+    shown = len(units)
     what = "output channels" if rgb else "kernels"
     detail = f"{co * ci} kernel{'s' * (co * ci > 1)} {h}x{w} ({co} out x {ci} in)"
     if threshold is not None:
@@ -281,7 +332,7 @@ def kernel_mosaic(
     picked = _channel_list([q for q, _ in units])
     if shown < total:
         detail += f"; showing {shown} of {total} {what} ({picked})"
-    elif channels is not None:
+    elif chosen:
         detail += f"; showing {picked}"
     else:
         detail += f"; all {what}"
@@ -294,6 +345,11 @@ def kernel_mosaic(
     else:
         where = "output:input channel" if ci > 1 else "output channel"
         detail += f".\nAbove each kernel: {where}, family, residual |W - fit| / |W|."
+    return detail
+
+
+def _mosaic_title(fig: Figure, title: str, detail: str, fig_w: float, fig_h: float) -> None:
+    """``title`` in bold (when given) and ``detail`` under it, at the top left."""
     if title:
         fig.text(
             _MARGIN / fig_w,
@@ -314,29 +370,50 @@ def kernel_mosaic(
         color=_MUTED,
     )
 
-    # One axes in inches-as-data-units for the whole grid, y pointing down.
-    left = (fig_w - grid_w) / 2
+
+def _grid_axes(fig: Figure, grid: _Grid, fig_w: float, fig_h: float):
+    """One axes in inches-as-data-units for the whole grid, y pointing down, centred above the
+    legend."""
+    left = (fig_w - grid.width) / 2
     bottom = _MARGIN + _LEGEND_H
     ax = fig.add_axes(
         (
             (left - _PAD) / fig_w,
             (bottom - _PAD) / fig_h,
-            (grid_w + 2 * _PAD) / fig_w,
-            (grid_h + 2 * _PAD) / fig_h,
+            (grid.width + 2 * _PAD) / fig_w,
+            (grid.height + 2 * _PAD) / fig_h,
         )
     )
     # A little room around the grid, so the outer frames are not clipped at the axes' edge.
-    ax.set_xlim(-_PAD, grid_w + _PAD)
-    ax.set_ylim(grid_h + _PAD, -_PAD)
+    ax.set_xlim(-_PAD, grid.width + _PAD)
+    ax.set_ylim(grid.height + _PAD, -_PAD)
     ax.set_aspect("equal")
     ax.axis("off")
+    return ax
 
+
+def _draw_units(
+    ax,
+    grid: _Grid,
+    units: Sequence[tuple[int, int | None]],
+    orig: Tensor,
+    fit: Tensor,
+    cats: Sequence[str],
+    res: Tensor,
+) -> None:
+    """Every unit in its place of ``grid``, the tiles' names above the first row; ``orig`` and
+    ``fit`` are the layer's kernels ``(Co, Ci, h, w)``, ``cats`` and ``res`` ``(Co*Ci,)`` their
+    categories and residuals."""
+    rgb, tw, th = grid.rgb, grid.tw, grid.th
+    ci = orig.shape[1]
     heads = ("original", "fitted", "diff R", "diff G", "diff B") if rgb else ("orig", "fit", "diff")
     for i, (q, p) in enumerate(units):
-        r, c = divmod(i, cols)
-        x0 = c * (unit_w + _UNIT_GAP)
-        y0 = _HEADER_H + r * (unit_h + _UNIT_GAP) + _LABEL_H
-        xs = [x0 + j * (tw + _GAP) + (2 * _GAP if rgb and j >= 2 else 0) for j in range(n_tiles)]
+        r, c = divmod(i, grid.cols)
+        x0 = c * (grid.unit_w + _UNIT_GAP)
+        y0 = _HEADER_H + r * (grid.unit_h + _UNIT_GAP) + _LABEL_H
+        xs = [
+            x0 + j * (tw + _GAP) + (2 * _GAP if rgb and j >= 2 else 0) for j in range(grid.n_tiles)
+        ]
         if r == 0:
             for x, head in zip(xs, heads, strict=True):
                 ax.text(
@@ -353,9 +430,6 @@ def kernel_mosaic(
             _draw_rgb_unit(ax, orig[q], fit[q], q, cats, res, xs, y0, tw, th)
         else:
             _draw_gray_unit(ax, orig[q, p], fit[q, p], q, p, ci, cats, res, xs, y0, tw, th)
-
-    _mosaic_legend(fig, cats, rgb, fig_w, fig_h)
-    return fig
 
 
 def _channel_list(qs: Sequence[int]) -> str:
@@ -646,6 +720,24 @@ def _residual_distribution(ax, best: Tensor, chosen: Tensor, threshold, n_zero: 
         ax.set_axis_off()
         return
     top = max(1.0, float(best.max()))
+    _residual_histograms(ax, best, chosen, top, n_zero)
+    cum = _cumulative_count(ax, best, top)
+    if threshold is not None:
+        _threshold_mark(cum, best, threshold)
+    handles = ax.get_legend_handles_labels()[0] + cum.get_legend_handles_labels()[0]
+    ax.legend(
+        handles=handles,
+        fontsize=6.5,
+        loc="lower left",
+        bbox_to_anchor=(0, 1.0),
+        ncol=2,
+        frameon=False,
+        borderaxespad=0.2,
+    )
+
+
+def _residual_histograms(ax, best: Tensor, chosen: Tensor, top: float, n_zero: int) -> None:
+    """Histograms of ``best`` ``(M,)`` and, over it, ``chosen`` ``(A,)``, on ``[0, top]``."""
     bins = np.linspace(0, top, 41)
     ax.hist(best.numpy(), bins=bins, color="#c8c8c8", label="best family's residual, all kernels")
     if len(chosen):
@@ -666,7 +758,10 @@ def _residual_distribution(ax, best: Tensor, chosen: Tensor, threshold, n_zero: 
     ax.set_title(title, fontsize=9, loc="left", pad=30)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
-    # The count of kernels at or below every t: how many a threshold t would convert.
+
+def _cumulative_count(ax, best: Tensor, top: float):
+    """On a second y axis of ``ax``, the count of kernels at or below every t: how many of
+    ``best`` ``(M,)`` a threshold t would convert. Returns that axis."""
     cum = ax.twinx()
     xs = np.sort(best.numpy())
     ys = np.arange(1, len(xs) + 1)
@@ -682,28 +777,23 @@ def _residual_distribution(ax, best: Tensor, chosen: Tensor, threshold, n_zero: 
     cum.set_ylabel("kernels with best residual <= t", fontsize=8)
     cum.tick_params(labelsize=7)
     cum.spines[["top"]].set_visible(False)
-    if threshold is not None:
-        below = int((best <= threshold).sum())
-        cum.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1.2)
-        share = f" ({100 * below / len(xs):.0f}%)" if len(xs) else ""
-        cum.annotate(
-            f"threshold {threshold:g}:\n{below} of {len(xs)}{share}",
-            (threshold, below),
-            xytext=(6, -4),
-            textcoords="offset points",
-            fontsize=7,
-            color="#c0392b",
-            va="top",
-        )
-    handles = ax.get_legend_handles_labels()[0] + cum.get_legend_handles_labels()[0]
-    ax.legend(
-        handles=handles,
-        fontsize=6.5,
-        loc="lower left",
-        bbox_to_anchor=(0, 1.0),
-        ncol=2,
-        frameon=False,
-        borderaxespad=0.2,
+    return cum
+
+
+def _threshold_mark(cum, best: Tensor, threshold: float) -> None:
+    """The threshold on the cumulative axis ``cum``, with how many of ``best`` ``(M,)`` it
+    converts."""
+    below = int((best <= threshold).sum())
+    cum.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1.2)
+    share = f" ({100 * below / len(best):.0f}%)" if len(best) else ""
+    cum.annotate(
+        f"threshold {threshold:g}:\n{below} of {len(best)}{share}",
+        (threshold, below),
+        xytext=(6, -4),
+        textcoords="offset points",
+        fontsize=7,
+        color="#c0392b",
+        va="top",
     )
 
 
