@@ -559,8 +559,10 @@ class ACL(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> ACL:
-        # Parameters may change while training, so the cache lives only in eval mode.
-        self._cached_weight = None
+        # Parameters may change while training, so the cache lives only in eval mode; calling
+        # eval() again (every calibration pass does) keeps it.
+        if mode:
+            self._cached_weight = None
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
