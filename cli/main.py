@@ -468,7 +468,9 @@ def layers_cmd(
         _note(quiet or as_json, line)
     rows = listing(conv_layers(ckpt.state_dict, model))
     if as_json:
-        typer.echo(json.dumps({"arch": arch, "layers": rows}, indent=1))
+        total = sum(r["fit_seconds_estimate"] or 0 for r in rows)
+        doc = {"arch": arch, "layers": rows, "fit_seconds_estimate": total}
+        typer.echo(json.dumps(doc, indent=1))
         return
     table = Table(
         title=Text(f"{checkpoint.name}: convolutions ({arch or 'architecture unknown'})"),
@@ -483,7 +485,7 @@ def layers_cmd(
     ):
         table.add_column(col, justify=just)
     for r in rows:
-        est = "1x1: not eligible" if not r["eligible"] else f"{r['fit_seconds_estimate']:.1f} s"
+        est = "nothing to fit" if not r["eligible"] else f"{r['fit_seconds_estimate']:.1f} s"
         table.add_row(
             Text(r["name"]),
             "×".join(map(str, r["shape"])),
@@ -492,6 +494,16 @@ def layers_cmd(
             est,
             style=None if r["eligible"] else "dim",
         )
+    eligible = [r for r in rows if r["eligible"]]
+    table.add_section()
+    table.add_row(
+        f"all ({len(eligible)} of {len(rows)} can be converted)",
+        "",
+        "",
+        f"{sum(r['kernels'] for r in eligible):,}",
+        f"{sum(r['fit_seconds_estimate'] for r in eligible):.1f} s",
+        style="bold",
+    )
     out.print(table)
 
 
