@@ -55,7 +55,19 @@ class _DefaultConvert(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The application; a Ctrl-C before a command runs (while the arguments are parsed) ends
+    with the same line and exit code as one during it, not with a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written", highlight=False)
+            raise SystemExit(130) from None
+
+
+app = _App(
     cls=_DefaultConvert,
     name="acl-convert",
     help="Turn the convolutions of a pretrained CNN into Analytic Convolutional Layers (ACLs).\n\n"
