@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import kernels
 from .calibration.compensate import compensated
 from .calibration.fidelity import measure_fidelity
+from .calibration.holdout import split_calibration
 from .calibration.moments import Calibration, LayerMoments, execution_order
 from .conversion import Conversion, LayerResult, Source, state_dict_sha256
 from .errors import UsageError, UserError, option
@@ -194,8 +195,10 @@ class Job:
         arch: the architecture's spec, or None.
         layers: the convolutions to convert, in state-dict order.
         settings: resolved settings.
-        calibration: the calibration images, or None.
+        calibration: the calibration images fitted to, or None.
         notes: sentences for the user so far.
+        holdout: the held-out calibration images (batches) the fidelity is measured on; empty:
+            it is measured on the images fitted to.
     """
 
     source: Source
@@ -205,23 +208,25 @@ class Job:
     settings: Settings
     calibration: Calibration | None
     notes: list[str]
+    holdout: list[Tensor] = field(default_factory=list)
 
     @classmethod
     def create(cls, source, model, arch, layers: Layers, calibration, options: dict) -> Job:
         settings = Settings.from_options(options)
-        calib = None
+        calib, held = None, []
         if calibration is not None:
             if model is None:
                 raise _needs_arch("calibration")
             calib = Calibration(calibration, limit=settings.calibration_limit)
-        settings = settings.resolved(calib.images if calib else 0)
+            calib, held = split_calibration(calib, settings.holdout)
+        settings = settings.resolved(calib.images if calib else 0, sum(len(b) for b in held))
         check_device(settings.device)
         notes = list(source.notes)
         convs = conv_layers(source.state_dict, model)
         selectors = [layers] if isinstance(layers, str) else list(layers)
         chosen = select_layers(selectors, convs, source.state_dict, on_note=notes.append)
         _check_finite(source.state_dict, chosen)
-        return cls(source, model, arch, chosen, settings, calib, notes)
+        return cls(source, model, arch, chosen, settings, calib, notes, held)
 
     def run(self, progress: ProgressFn | None = None) -> Conversion:
         """Fit, choose and build every layer; the converted model and, with calibration, its
@@ -241,10 +246,16 @@ class Job:
         if model is not None:
             conversion.model = conversion.patched(model).eval()
         if calib is not None:
-            conversion.fidelity = measure_fidelity(
-                model, conversion.model, calib.batches, [r.layer.name for r in results]
-            )
+            conversion.fidelity = self.fidelity(conversion)
         return conversion
+
+    def fidelity(self, conversion: Conversion) -> dict:
+        """:func:`measure_fidelity` of ``conversion`` on the held-out images (else on the images
+        fitted to); ``on`` says which (``holdout`` or ``calibration``)."""
+        on = "holdout" if self.holdout else "calibration"
+        batches = self.holdout or self.calibration.batches
+        names = [r.layer.name for r in conversion.layers]
+        return {**measure_fidelity(self.model, conversion.model, batches, names), "on": on}
 
 
 def _check_finite(state_dict: dict[str, Tensor], layers: Sequence[ConvLayer]) -> None:

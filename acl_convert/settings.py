@@ -62,9 +62,12 @@ class Settings:
         budget_scope: ``layer`` or ``model``: where a budget applies.
         tie_channels: one family and AKP set per output channel, a gain and offset per input
             channel.
-        calibration_limit: use at most this many calibration images.
+        calibration_limit: use at most this many calibration images (held-out ones included).
+        holdout: of those, how many are not fitted to but measure the conversion's fidelity
+            (default: a quarter, at most 64; 0: fidelity on the images fitted to, optimistic).
         calibration_images: how many calibration images the conversion fits to (set by
             :meth:`resolved`; 0 without calibration).
+        holdout_images: how many measure its fidelity instead (set by :meth:`resolved`).
     """
 
     families: tuple[str, ...] | str = kernels.PAPER_FAMILIES
@@ -83,12 +86,16 @@ class Settings:
     budget_scope: str = "layer"
     tie_channels: bool = False
     calibration_limit: int = 256
+    holdout: int | None = None
     calibration_images: int = 0
+    holdout_images: int = 0
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The settings a user may give (``calibration_images`` is derived)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "calibration_images")
+        """The settings a user may give (``calibration_images`` and ``holdout_images`` are
+        derived)."""
+        derived = ("calibration_images", "holdout_images")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in derived)
 
     @classmethod
     def from_options(cls, options: dict) -> Settings:
@@ -105,9 +112,10 @@ class Settings:
     def budget(self) -> bool:
         return self.target_compact is not None or self.max_output_error is not None
 
-    def resolved(self, calibration_images: int) -> Settings:
-        """These settings with every default filled in for a conversion with
-        ``calibration_images`` images (0: none), checked. Raises :class:`UsageError`."""
+    def resolved(self, calibration_images: int, holdout_images: int = 0) -> Settings:
+        """These settings with every default filled in for a conversion that fits to
+        ``calibration_images`` images (0: none) and measures on ``holdout_images`` more,
+        checked. Raises :class:`UsageError`."""
         calibrated = calibration_images > 0
         if self.threshold is not None and self.budget:
             raise UsageError(
@@ -123,6 +131,7 @@ class Settings:
             threshold_on=self.threshold_on or fit_to,
             joint=calibrated if self.joint is None else bool(self.joint),
             calibration_images=calibration_images,
+            holdout_images=holdout_images,
         )
         out._check()
         return out
@@ -160,6 +169,10 @@ class Settings:
                 f"{option('calibration_limit')} must be an integer >= 1, "
                 f"got {self.calibration_limit!r}"
             )
+        if self.holdout is not None and (
+            isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0
+        ):
+            raise UsageError(f"{option('holdout')} must be an integer >= 0, got {self.holdout!r}")
         needs = [
             text
             for text, on in (
@@ -167,6 +180,7 @@ class Settings:
                 (f"{option('threshold_on', 'output')}", self.threshold_on == "output"),
                 (option("max_output_error"), self.max_output_error is not None),
                 (option("joint", True), self.joint),
+                (option("holdout"), self.holdout is not None),
             )
             if on
         ]

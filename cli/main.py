@@ -203,6 +203,13 @@ def convert(
     calibration_limit: int = typer.Option(
         256, "--calibration-limit", help="Use at most this many calibration images."
     ),
+    holdout: int = typer.Option(
+        None,
+        "--holdout",
+        help="Of the calibration images, hold out this many: the conversion does not fit to "
+        "them, and its fidelity is measured on them (0: measured on the images fitted to, "
+        "optimistic). \\[default: a quarter, at most 64]",
+    ),
     fit_to: str = typer.Option(
         None,
         "--fit-to",
@@ -287,6 +294,7 @@ def convert(
         budget_scope=budget_scope,
         tie_channels=tie_channels,
         calibration_limit=calibration_limit,
+        holdout=holdout,
     )
     plan = OutputPlan(force=force, inputs=[checkpoint])
     output = plan.add(output or default_output(checkpoint, ".anann.safetensors"), "the AnaNN")
@@ -314,7 +322,8 @@ def convert(
         f"fitting {n_kernels:,} kernels of {len(job.layers)} layer(s) to "
         f"{len(settings.families)} families on {settings.device}"
         + (
-            f", by output error on {settings.calibration_images} images"
+            f", by output error on {settings.calibration_images} images "
+            f"({settings.holdout_images} more held out to measure fidelity)"
             if settings.fit_to == "output"
             else ""
         ),
