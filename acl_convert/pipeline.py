@@ -37,6 +37,7 @@ from .fit.threads import fit_threads
 from .io.arch import model_for, parse_arch
 from .io.checkpoint import load_checkpoint
 from .io.images import list_images, load_batches, preprocessing
+from .network.batchnorm import fold_bias, following_batchnorms
 from .network.convs import ConvLayer, conv_layers, select_layers
 from .network.surgery import set_submodule
 from .nn.acl import ACL
@@ -228,15 +229,18 @@ class Job:
         _check_finite(source.state_dict, chosen)
         return cls(source, model, arch, chosen, settings, calib, notes, held)
 
-    def run(self, progress: ProgressFn | None = None) -> Conversion:
+    def run(self, progress: ProgressFn | None = None, fits: dict | None = None) -> Conversion:
         """Fit, choose and build every layer; the converted model and, with calibration, its
-        fidelity."""
+        fidelity. ``fits``: with calibration and a model-wide budget, the per-kernel fits of
+        an earlier run of this job at another budget (``{r.layer.name: r.fit for r in
+        conversion.layers}``): they are made on the original network's inputs, so they are the
+        same for every budget, and reusing them gives exactly what fitting again gives."""
         settings, calib, model = self.settings, self.calibration, self.model
         notes = list(self.notes)
         with fit_threads():
             if calib is not None and (settings.fit_to == "output" or settings.joint):
                 results = _convert_calibrated(
-                    self.source, self.layers, settings, calib, model, progress, notes
+                    self.source, self.layers, settings, calib, model, progress, notes, fits
                 )
             else:
                 results = _convert_plain(
@@ -392,14 +396,17 @@ def _fit_weighted(lay, weight, settings, moments: LayerMoments, progress) -> Fit
     )
 
 
-def _convert_calibrated(source, layers, settings, calibration, model, progress, notes):
+def _convert_calibrated(source, layers, settings, calibration, model, progress, notes, fits=None):
     """Layer by layer in network order: collect the layer's inputs through the layers converted
-    so far, fit, choose, refine under the full input moments, and put the ACL in place."""
+    so far, fit, choose, refine under the full input moments, and put the ACL in place.
+    ``fits``: with a model-wide budget, every layer's fits when already made (see
+    :meth:`Job.run`)."""
     current = copy.deepcopy(model).eval()
     order = execution_order(current, [lay.name for lay in layers], calibration.batches[0][:1])
     by_name = {lay.name: lay for lay in layers}
     state = source.state_dict
     model_budget = settings.budget and settings.budget_scope == "model"
+    folds = following_batchnorms(model, order) if settings.fold_bias and settings.joint else {}
 
     def inputs(name: str, against_original: bool = False) -> LayerMoments:
         def report(done: int) -> None:
@@ -409,19 +416,23 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
         reference = model if against_original else None
         return calibration.moments(current, name, report, reference=reference)
 
-    fits: dict[str, FitResult] = {}
-    if model_budget:
+    fits = dict(fits or {})
+    if model_budget and not fits:
         # One budget over all layers needs every layer's fit before any choice: the fits see
         # the original network's inputs; the refinement below still goes in network order.
         for name in order:
             weight, _ = _weight_bias(state, by_name[name])
             fits[name] = _fit_weighted(by_name[name], weight, settings, inputs(name), progress)
+    if model_budget:
         selections = choose(fits, _rule(settings), notes)
     results = []
     for name in order:
         lay = by_name[name]
         mom = inputs(name, settings.compensate)
         weight, bias = _weight_bias(state, lay)
+        fold_into = folds.get(name) if bias is None else None
+        if fold_into is not None:
+            bias = weight.new_zeros(len(weight))  # solved, then folded into the BatchNorm
         if settings.compensate:
             weight, bias = compensated(weight, bias, mom)
         if model_budget:
@@ -433,9 +444,11 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
                 selection = meet_error_bound(
                     fits[name], selection, _rule(settings), weight, bias, mom.full
                 )
-        result = _refined_layer(lay, fits[name], selection, weight, bias, mom, settings)
+        result = _refined_layer(lay, fits[name], selection, weight, bias, mom, settings, fold_into)
         results.append(result)
         set_submodule(current, name, copy.deepcopy(result.acl).eval())
+        if result.fold is not None:
+            fold_bias(current, *result.fold)
     return results
 
 
@@ -445,8 +458,9 @@ def _layer_fit(lay, weight, settings, moments, progress) -> FitResult:
     return _fit_plain({lay.weight_key: weight}, [lay], settings, progress)[lay.name]
 
 
-def _refined_layer(lay, fit, selection, weight, bias, moments, settings) -> LayerResult:
-    """The chosen fit as a layer, refined under the full input moments when ``joint``."""
+def _refined_layer(lay, fit, selection, weight, bias, moments, settings, fold_into=None):
+    """The chosen fit as a :class:`LayerResult`, refined under the full input moments when
+    ``joint``; with ``fold_into`` (a BatchNorm's name) the solved bias goes there."""
     assignment = fit.assignment(selection, weight, bias)
     if not settings.joint:
         return LayerResult(lay, fit, selection, assignment, _build_acl(lay, assignment, weight))
@@ -464,5 +478,9 @@ def _refined_layer(lay, fit, selection, weight, bias, moments, settings) -> Laye
         # A sweep moved kernels to other families: the selection says which, for the report.
         choice = [fit.families.index(c) if c != "P" else -1 for c in assignment.codes]
         selection = fit.selection_from(torch.tensor(choice), settings.threshold_on)
+    fold = None
+    if fold_into is not None:
+        fold = (fold_into, assignment.bias.float())
+        assignment = assignment.replace(bias=None)
     acl = _build_acl(lay, assignment, weight, canonical=True)
-    return LayerResult(lay, fit, selection, assignment, acl, joint)
+    return LayerResult(lay, fit, selection, assignment, acl, joint, fold)

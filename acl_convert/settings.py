@@ -62,6 +62,10 @@ class Settings:
         budget_scope: ``layer`` or ``model``: where a budget applies.
         tie_channels: one family and AKP set per output channel, a gain and offset per input
             channel.
+        fold_bias: with calibration and ``joint``, a conv without bias whose output goes only
+            to a BatchNorm gets a bias in the joint re-solve (the mean shift of its
+            approximation), folded into that BatchNorm's running mean: the AnaNN changes only
+            BN buffers.
         calibration_limit: use at most this many calibration images (held-out ones included).
         holdout: of those, how many are not fitted to but measure the conversion's fidelity
             (default: a quarter, at most 64; 0: fidelity on the images fitted to, optimistic).
@@ -85,6 +89,7 @@ class Settings:
     max_output_error: float | None = None
     budget_scope: str = "layer"
     tie_channels: bool = False
+    fold_bias: bool = True
     calibration_limit: int = 256
     holdout: int | None = None
     calibration_images: int = 0

@@ -266,6 +266,13 @@ def convert(
         help="One family and one AKP set per output channel, shared by its input channels, "
         "each with its own gain and offset (an RGB triple as one pattern in three strengths).",
     ),
+    fold_bias: bool = typer.Option(
+        True,
+        "--fold-bias/--no-fold-bias",
+        help="With --calibration: a conv without bias that feeds only a BatchNorm gets a bias "
+        "in the joint re-solve, folded into the BatchNorm's running mean (only BN buffers "
+        "change).",
+    ),
     arch: str = ArchOpt,
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
@@ -293,6 +300,7 @@ def convert(
         max_output_error=max_output_error,
         budget_scope=budget_scope,
         tie_channels=tie_channels,
+        fold_bias=fold_bias,
         calibration_limit=calibration_limit,
         holdout=holdout,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_fidelity_first import Tiny, smooth_images
+from torch import nn
 
 from acl_convert.calibration.fidelity import measure_fidelity
 from acl_convert.calibration.holdout import default_holdout, held_positions, split_holdout
@@ -60,3 +61,80 @@ def test_holdout_must_leave_images_to_fit(tiny):
         convert_model(model, ["conv1"], calibration=[x[:4]], holdout=4)
     with pytest.raises(UsageError, match="holdout"):
         convert_model(model, ["conv1"], calibration=[x[:4]], holdout=-1)
+
+
+# --- bias folding into the following BatchNorm ---------------------------------------------------
+
+
+class ConvBN(nn.Module):
+    """Bias-less convs each followed by a BatchNorm (as MobileNetV2), and one conv whose output
+    also feeds a skip connection (its bias cannot be folded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        y = self.conv3(x)
+        return self.head((x + y).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def conv_bn():
+    torch.manual_seed(3)
+    model = ConvBN()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return model.eval(), smooth_images(12, 3, 16, seed=4)
+
+
+def test_following_batchnorms_finds_only_sole_consumers(conv_bn):
+    from acl_convert.network.batchnorm import following_batchnorms
+
+    model, _ = conv_bn
+    found = following_batchnorms(model, ["conv1", "conv2", "conv3"])
+    assert found == {"conv1": "bn1", "conv2": "bn2"}
+
+
+def test_folded_bias_bakes_to_the_same_network(conv_bn, tmp_path):
+    """The solved biases live in the BatchNorms' running means only: the ACLs have no bias, the
+    AnaNN loaded back and the baked plain network compute what the converted model computes,
+    and the first layer's output error is no higher than without the fold."""
+    from acl_convert.io.anann import bake_state_dict, load_anann, read_anann
+
+    model, x = conv_bn
+    mean_before = model.bn1.running_mean.clone()
+    layers = ["conv1", "conv2", "conv3"]
+    conv = convert_model(model, layers, calibration=[x], holdout=0, target_compact=0.5)
+    plain = convert_model(
+        model, layers, calibration=[x], holdout=0, target_compact=0.5, fold_bias=False
+    )
+    folds = {r.layer.name: r.fold for r in conv.layers}
+    assert folds["conv1"][0] == "bn1" and folds["conv2"][0] == "bn2" and folds["conv3"] is None
+    assert all(r.acl.bias is None for r in conv.layers)
+    assert float(folds["conv1"][1].abs().max()) > 0
+    first, first_plain = conv.layers[0].joint, plain.layers[0].joint
+    assert first.relative_error() <= first_plain.relative_error() + 1e-9
+
+    path = conv.save(tmp_path / "m.anann.safetensors")
+    loaded = load_anann(path, model=ConvBN().eval()).eval()
+    baked = ConvBN().eval()
+    baked.load_state_dict(bake_state_dict(read_anann(path)))
+    mean = model.bn1.running_mean - folds["conv1"][1]
+    assert torch.allclose(conv.model.bn1.running_mean, mean)
+    with torch.no_grad():
+        want = conv.model(x)
+        assert torch.allclose(loaded(x), want, atol=1e-5)
+        assert torch.allclose(baked(x), want, atol=1e-5)
+    assert torch.equal(model.bn1.running_mean, mean_before)  # the input model is untouched
