@@ -472,6 +472,7 @@ def _refined_layer(lay, fit, selection, weight, bias, moments, settings, fold_in
         moments.full,
         sweeps=settings.sweeps if by_output else 0,
         switch=fit.families,
+        steps=settings.reconstruct if fit.channels is None else 0,
     )
     assignment = joint.assignment
     if assignment.codes != selection.codes and fit.channels is None:

@@ -53,6 +53,9 @@ class Settings:
             re-solve its gains, offsets, plain kernels and bias together (default: on with
             calibration).
         sweeps: passes over the input channels when refitting a small layer's AKPs (0: none).
+        reconstruct: with ``joint``, gradient steps on all of a layer's parameters at once on
+            its exact output error under the full input moments, after the re-solve (0: none;
+            :mod:`acl_convert.fit.reconstruct`).
         compensate: with calibration, fit each layer to reproduce the original network's
             output from the inputs the converted network gives it.
         target_compact: instead of a threshold, reach this compact factor (0..1) adding the
@@ -84,6 +87,7 @@ class Settings:
     threshold_on: str | None = None
     joint: bool | None = None
     sweeps: int = 2
+    reconstruct: int = 0
     compensate: bool = True
     target_compact: float | None = None
     max_output_error: float | None = None
@@ -167,8 +171,10 @@ class Settings:
                 f"{option('max_output_error')} must be >= 0, got {self.max_output_error}"
             )
         _check_number("threshold", self.threshold, 0)
-        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
-            raise UsageError(f"{option('sweeps')} must be an integer >= 0, got {self.sweeps!r}")
+        for name in ("sweeps", "reconstruct"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{option(name)} must be an integer >= 0, got {value!r}")
         if not isinstance(self.calibration_limit, int) or self.calibration_limit < 1:
             raise UsageError(
                 f"{option('calibration_limit')} must be an integer >= 1, "

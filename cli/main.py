@@ -236,6 +236,12 @@ def convert(
         help="Passes over the input channels when refitting a small layer's AKPs under its "
         "full input statistics (0: none).",
     ),
+    reconstruct: int = typer.Option(
+        0,
+        "--reconstruct",
+        help="With --calibration: after the joint re-solve, this many gradient steps on all of "
+        "a layer's parameters at once on its exact output error (0: none).",
+    ),
     compensate: bool = typer.Option(
         True,
         "--compensate/--no-compensate",
@@ -295,6 +301,7 @@ def convert(
         threshold_on=threshold_on,
         joint=joint,
         sweeps=sweeps,
+        reconstruct=reconstruct,
         compensate=compensate,
         target_compact=target_compact,
         max_output_error=max_output_error,

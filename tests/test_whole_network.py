@@ -138,3 +138,17 @@ def test_folded_bias_bakes_to_the_same_network(conv_bn, tmp_path):
         assert torch.allclose(loaded(x), want, atol=1e-5)
         assert torch.allclose(baked(x), want, atol=1e-5)
     assert torch.equal(model.bn1.running_mean, mean_before)  # the input model is untouched
+
+
+# --- layer-wise reconstruction -------------------------------------------------------------------
+
+
+def test_reconstruction_never_raises_the_exact_output_error(conv_bn):
+    """Gradient steps on the layer's exact output error keep the best state seen (the start
+    included), so the re-solved error after them is never above the re-solve's alone."""
+    model, x = conv_bn
+    kw = dict(calibration=[x], holdout=0, target_compact=0.6, sweeps=0)
+    base = convert_model(model, ["conv3"], **kw)
+    stepped = convert_model(model, ["conv3"], reconstruct=30, **kw)
+    assert stepped.layers[0].joint.relative_error() <= base.layers[0].joint.relative_error() + 1e-9
+    assert stepped.layers[0].assignment.codes == base.layers[0].assignment.codes
