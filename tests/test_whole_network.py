@@ -152,3 +152,52 @@ def test_reconstruction_never_raises_the_exact_output_error(conv_bn):
     stepped = convert_model(model, ["conv3"], reconstruct=30, **kw)
     assert stepped.layers[0].joint.relative_error() <= base.layers[0].joint.relative_error() + 1e-9
     assert stepped.layers[0].assignment.codes == base.layers[0].assignment.codes
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_sweep_points_match_separate_conversions(tiny, scope):
+    """Each point of a sweep is the conversion convert_model makes at that budget: the same
+    layers to the bit, the same compact factor and the same held-out fidelity (with a
+    model-wide budget the fits are made once and reused)."""
+    from acl_convert.sweep import sweep_model
+
+    model, x = tiny
+    kw = dict(calibration=[x], holdout=4, budget_scope=scope)
+    result = sweep_model(model, ["conv1", "conv2"], targets=[0.3, 0.6], keep=True, **kw)
+    assert result.reused_fits == (scope == "model")
+    assert [p.target for p in result.points] == [0.3, 0.6]
+    for point in result.points:
+        alone = convert_model(model, ["conv1", "conv2"], target_compact=point.target, **kw)
+        assert point.compact_factor == alone.compact_factor >= point.target - 1e-9
+        for a, b in zip(point.conversion.layers, alone.layers, strict=True):
+            assert torch.equal(a.acl.synthesize(), b.acl.synthesize())
+        assert point.fidelity == alone.fidelity
+        assert [r["output_error"] for r in point.layers] == [
+            alone.fidelity["layer_rel_error"][n] for n in ("conv1", "conv2")
+        ]
+    cfs = [p.compact_factor for p in result.points]
+    assert cfs == sorted(cfs)
+
+
+def test_sweep_reports_accuracy_on_a_labelled_evaluation_set(tiny):
+    from acl_convert.sweep import sweep_model
+
+    model, x = tiny
+    labels = torch.arange(16) % 4
+    evaluation = [(x[8:], labels[8:])]
+    result = sweep_model(
+        model, ["conv1"], targets=[0.5], calibration=[x[:8]], holdout=2, evaluation=evaluation
+    )
+    point = result.points[0]
+    assert result.reference["images"] == 8 and point.evaluation["images"] == 8
+    assert set(point.evaluation) == {"images", "top1", "top5", "agreement", "logits_rel_error"}
+    assert point.fidelity["images"] == 2
+    doc = result.to_dict()
+    assert doc["points"][0]["target"] == 0.5 and "conversion" not in doc["points"][0]
+    best = result.largest(max_top1_loss=1.0, min_agreement=0.0)
+    assert best is point
+    with pytest.raises(UsageError, match="target_compact"):
+        sweep_model(model, ["conv1"], targets=[0.5], calibration=[x], target_compact=0.5)
