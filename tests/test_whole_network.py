@@ -201,3 +201,44 @@ def test_sweep_reports_accuracy_on_a_labelled_evaluation_set(tiny):
     assert best is point
     with pytest.raises(UsageError, match="target_compact"):
         sweep_model(model, ["conv1"], targets=[0.5], calibration=[x], target_compact=0.5)
+
+
+def test_cli_sweep_writes_table_json_plot_and_page(invoke, tmp_path, squeezenet_ckpt, copy_images):
+    import json
+
+    images = copy_images(tmp_path / "imgs", 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["sweep", squeezenet_ckpt, "-l", "features.0", "--calibration", images, "-q"]
+    paths = {k: out / f"s.{k}" for k in ("json", "png", "html")}
+    result = invoke(
+        *args,
+        "--targets",
+        "0.5,0.8",
+        "--json",
+        paths["json"],
+        "--plot",
+        paths["png"],
+        "--html",
+        paths["html"],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "compact" in result.stdout and "held-out: 2 images" in result.stdout
+    doc = json.loads(paths["json"].read_text())
+    assert [p["target"] for p in doc["points"]] == [0.5, 0.8] and doc["reused_fits"]
+    assert all(p["fidelity"]["on"] == "holdout" for p in doc["points"])
+    assert doc["points"][1]["compact_factor"] >= 0.8 - 1e-9
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+    assert "<table" in paths["html"].read_text() and "data:image/png" in paths["html"].read_text()
+
+
+def test_cli_sweep_refuses_evaluation_images_it_calibrates_on(
+    invoke, tmp_path, squeezenet_ckpt, copy_images
+):
+    from conftest import IMAGES
+
+    images = copy_images(tmp_path / "imgs", 4)
+    classes = IMAGES.parent / "imagenet_classes.tsv"
+    args = ["sweep", squeezenet_ckpt, "-l", "features.0", "--calibration", images]
+    result = invoke(*args, "--data", images, "--classes", classes)
+    assert result.exit_code == 2 and "also calibration images" in result.stderr
