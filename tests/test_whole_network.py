@@ -242,3 +242,53 @@ def test_cli_sweep_refuses_evaluation_images_it_calibrates_on(
     args = ["sweep", squeezenet_ckpt, "-l", "features.0", "--calibration", images]
     result = invoke(*args, "--data", images, "--classes", classes)
     assert result.exit_code == 2 and "also calibration images" in result.stderr
+
+
+# --- the baselines of bench/baselines.py ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "prune"])
+@pytest.mark.parametrize("budget", [37, 200, 539])
+def test_each_baseline_meets_its_parameter_count_exactly(method, budget):
+    """Every baseline keeps exactly the parameters it is given (a rank counts in steps, the rest
+    is a sparse correction), computes a conv with its weight, and removes the mean shift."""
+    import sys
+
+    from conftest import REPO
+
+    if method == "tucker2":
+        pytest.importorskip("tensorly")
+    sys.path.insert(0, str(REPO / "bench"))
+    from baselines import build
+
+    from acl_convert.calibration.moments import Calibration
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    x = smooth_images(8, 6, 12, seed=2)
+    moments = Calibration([x]).moments(conv, "")
+    layer = build(method, conv, budget, moments)
+    assert layer.parameter_count() == budget
+    with torch.no_grad():
+        y, y_hat = conv(x), layer(x)
+        ref = torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1)
+    assert torch.allclose(y_hat, ref, atol=1e-5)
+    # The bias correction: no mean shift over the calibration patches (interior and padding).
+    assert torch.allclose((y_hat - y).mean((0, 2, 3)), torch.zeros(10), atol=1e-4)
+
+
+def test_low_rank_baselines_refuse_depthwise_convs():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from baselines import build
+
+    from acl_convert.calibration.moments import Calibration
+
+    conv = nn.Conv2d(4, 4, 3, groups=4)
+    moments = Calibration([torch.randn(2, 4, 8, 8)]).moments(conv, "")
+    with pytest.raises(ValueError, match="grouped"):
+        build("svd", conv, 20, moments)
+    assert build("prune", conv, 20, moments).parameter_count() == 20
