@@ -69,8 +69,8 @@ from acl_convert.train.evaluate import evaluate  # noqa: E402
 DATA = REPO.parent / "shared" / "data"
 IMAGES = DATA / "imagenet" / "sample-images-1000"
 NETS = {
-    "squeezenet": (DATA / "weights" / "squeezenet1_0_deepcompression_tvnorm.pth", "all"),
-    "mobilenet": (DATA / "weights" / "mobilenet_v2_qnnpack_dequant_bnfolded.pth", "all"),
+    "squeezenet": DATA / "weights" / "squeezenet1_0_deepcompression_tvnorm.pth",
+    "mobilenet": DATA / "weights" / "mobilenet_v2_qnnpack_dequant_bnfolded.pth",
 }
 METHODS = ("acl", "svd", "tucker2", "prune")
 
@@ -286,16 +286,19 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--families", default="G,Lg,Tf,Ts,Lt,M")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--layers", default="all", help="layers to compress (default: every non-1x1)")
     ap.add_argument("--calibration-limit", type=int, default=256)
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N evaluation images")
     ap.add_argument("--distill-cpu-minutes", type=float, default=5.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    path, layers = NETS[args.net]
+    path, layers = NETS[args.net], args.layers
     ckpt = load_checkpoint(path)
     spec, original = model_for(ckpt.state_dict, None, [])
     original.eval().requires_grad_(False)
     calib, tune, ev = load_halves(original, spec, args.calibration_limit)
+    ev = (ev[0][: args.eval_limit], ev[1][: args.eval_limit])
     t0 = time.time()
     conv = convert_model(
         original,
