@@ -292,3 +292,54 @@ def test_low_rank_baselines_refuse_depthwise_convs():
     with pytest.raises(ValueError, match="grouped"):
         build("svd", conv, 20, moments)
     assert build("prune", conv, 20, moments).parameter_count() == 20
+
+
+# --- the logits' sensitivity to each layer --------------------------------------------------------
+
+
+def test_sensitivity_of_the_last_layer_is_one_and_the_model_is_left_as_it_was(tiny):
+    """When the logits are the layer's output, a relative error there is the logits' error
+    (``s = 1``); the perturbations leave no trace in the weights."""
+    from acl_convert.calibration.sensitivity import layer_sensitivity
+
+    _, x = tiny
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = layer_sensitivity(model, ["0", "2"], [x[:8], x[8:]])
+    assert s["2"] == pytest.approx(1.0, rel=1e-6)
+    assert 0 < s["0"] < 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_sensitive_layer_keeps_more_of_a_model_budget(tiny):
+    """Weighing a layer's error up moves the model-wide budget's savings to the other layer."""
+    from acl_convert.fit.select import Rule, choose
+
+    model, x = tiny
+    conv = convert_model(
+        model, ["conv1", "conv2"], calibration=[x], target_compact=0.4, budget_scope="model"
+    )
+    fits = {r.layer.name: r.fit for r in conv.layers}
+    rule = Rule(threshold=0.3, on="output", target_compact=0.4, scope="model")
+
+    def kept(weights):
+        sel = choose(fits, rule, weights=weights)
+        return {
+            n: sum(
+                fits[n].param_count(c) if c != "P" else fits[n].plain_count() for c in sel[n].codes
+            )
+            for n in fits
+        }
+
+    even, heavy = kept(None), kept({"conv1": 100.0, "conv2": 1.0})
+    assert heavy["conv1"] > even["conv1"] and heavy["conv2"] < even["conv2"]
+    weighted = convert_model(
+        model,
+        ["conv1", "conv2"],
+        calibration=[x],
+        target_compact=0.4,
+        budget_scope="model",
+        sensitivity=True,
+    )
+    assert weighted.compact_factor >= 0.4 - 1e-9
