@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from .html import Cell, figure, page, paragraph, section, table
@@ -111,13 +112,15 @@ def sweep_figure(doc: Mapping[str, Any], title: str = "") -> Figure:
     more = right.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center left")
     ax.set_title(title or "model")
+    n = len(doc["layers"])
+    depth = colormaps["viridis"]  # a layer's colour says how deep it is
     for i, name in enumerate(doc["layers"]):
         xs = [p["layers"][i]["compact_factor"] for p in pts]
         ys = [p["layers"][i]["output_error"] for p in pts]
-        ax_layers.plot(xs, ys, "o-", ms=3, label=name)
+        ax_layers.plot(xs, ys, "o-", ms=3, color=depth(i / max(n - 1, 1)), label=name)
     ax_layers.set_xlabel("layer compact factor")
     ax_layers.set_ylabel("layer output relative error (held-out)")
-    ax_layers.set_title("per layer (one dot per point)")
+    ax_layers.set_title("per layer (one dot per point; darker: earlier)")
     ax_layers.grid(alpha=0.3)
     ax_layers.legend(fontsize=6, ncol=2)
     return fig
