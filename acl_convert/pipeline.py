@@ -28,7 +28,6 @@ from .calibration.compensate import compensated
 from .calibration.fidelity import measure_fidelity
 from .calibration.holdout import split_calibration
 from .calibration.moments import Calibration, LayerMoments, execution_order
-from .calibration.sensitivity import layer_sensitivity
 from .conversion import Conversion, LayerResult, Source, state_dict_sha256
 from .errors import UsageError, UserError, option
 from .fit import FitResult, fit_kernels
@@ -425,10 +424,7 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
             weight, _ = _weight_bias(state, by_name[name])
             fits[name] = _fit_weighted(by_name[name], weight, settings, inputs(name), progress)
     if model_budget:
-        weights = None
-        if settings.sensitivity:
-            weights = layer_sensitivity(current, order, calibration.batches[:4])
-        selections = choose(fits, _rule(settings), notes, weights)
+        selections = choose(fits, _rule(settings), notes)
     results = []
     for name in order:
         lay = by_name[name]

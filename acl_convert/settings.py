@@ -63,9 +63,6 @@ class Settings:
         max_output_error: instead of a threshold, the largest relative output error to spend,
             saving as many parameters as possible (needs calibration).
         budget_scope: ``layer`` or ``model``: where a budget applies.
-        sensitivity: with a model-wide budget, weigh each layer's output error by the measured
-            sensitivity of the logits to it (:mod:`acl_convert.calibration.sensitivity`)
-            instead of counting every layer alike.
         tie_channels: one family and AKP set per output channel, a gain and offset per input
             channel.
         fold_bias: with calibration and ``joint``, a conv without bias whose output goes only
@@ -95,7 +92,6 @@ class Settings:
     target_compact: float | None = None
     max_output_error: float | None = None
     budget_scope: str = "layer"
-    sensitivity: bool = False
     tie_channels: bool = False
     fold_bias: bool = True
     calibration_limit: int = 256

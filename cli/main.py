@@ -266,12 +266,6 @@ def convert(
         "--budget-scope",
         help="Apply --target-compact / --max-output-error to each layer or to the model.",
     ),
-    sensitivity: bool = typer.Option(
-        False,
-        "--sensitivity",
-        help="With --budget-scope model: weigh each layer's output error by the measured "
-        "sensitivity of the logits to it.",
-    ),
     tie_channels: bool = typer.Option(
         False,
         "--tie-channels",
@@ -312,7 +306,6 @@ def convert(
         target_compact=target_compact,
         max_output_error=max_output_error,
         budget_scope=budget_scope,
-        sensitivity=sensitivity,
         tie_channels=tie_channels,
         fold_bias=fold_bias,
         calibration_limit=calibration_limit,
@@ -903,7 +896,6 @@ def sweep_cmd(
         help="model: one budget over all layers (fits made once for all points); layer: each "
         "layer meets the budget (one full conversion per point).",
     ),
-    sensitivity: bool = typer.Option(False, "--sensitivity", help="As for `convert`."),
     sweeps: int = typer.Option(2, "--sweeps", help="As for `convert`."),
     reconstruct: int = typer.Option(0, "--reconstruct", help="As for `convert`."),
     offset: bool = typer.Option(True, "--offset/--no-offset", help="As for `convert`."),
@@ -944,7 +936,6 @@ def sweep_cmd(
     given = dict(
         families=families,
         budget_scope=budget_scope,
-        sensitivity=sensitivity,
         sweeps=sweeps,
         reconstruct=reconstruct,
         offset=offset,

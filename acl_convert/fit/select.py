@@ -42,15 +42,10 @@ class Rule:
 
 
 def choose(
-    fits: Mapping[str, FitResult],
-    rule: Rule,
-    notes: list[str] | None = None,
-    weights: Mapping[str, float] | None = None,
+    fits: Mapping[str, FitResult], rule: Rule, notes: list[str] | None = None
 ) -> dict[str, Selection]:
     """A :class:`Selection` per layer of ``fits`` (by name, in the given order). A budget that
-    cannot be met adds a sentence to ``notes``. ``weights``: with a model-wide budget, what one
-    unit of each layer's relative squared output error costs (e.g. the logits' sensitivity to
-    it, :mod:`acl_convert.calibration.sensitivity`); None: every layer alike."""
+    cannot be met adds a sentence to ``notes``."""
     if not rule.budget:
         return {name: fit.select(rule.threshold, rule.mode, rule.on) for name, fit in fits.items()}
     names = list(fits)
@@ -58,8 +53,7 @@ def choose(
     if rule.scope == "layer":
         choices = [_budget_choice(err, sav, plain, rule, notes) for err, sav, plain in parts]
     else:
-        scale = [1.0 if weights is None else float(weights[name]) for name in names]
-        err = torch.cat([p[0] * w for p, w in zip(parts, scale, strict=True)])
+        err = torch.cat([p[0] for p in parts])
         sav = torch.cat([p[1] for p in parts])
         plain = sum(p[2] for p in parts)
         all_choices = _budget_choice(err, sav, plain, rule, notes)
