@@ -22,6 +22,7 @@ from .fit import FitResult, Selection
 from .fit.joint import JointSolution
 from .io.anann import save_anann
 from .io.header import AnaNNHeader, LayerRecord, settings_dict
+from .network.batchnorm import fold_bias
 from .network.convs import ConvLayer
 from .network.surgery import set_submodule
 from .nn.acl import ACL
@@ -69,6 +70,9 @@ class LayerResult:
         assignment: what every kernel became (after the joint re-solve, when there was one).
         acl: the layer built from it.
         joint: with calibration, the layer's output error before and after the re-solve.
+        fold: for a conv without bias followed by a BatchNorm, ``(bn_name, bias)``: the bias
+            ``(Co,)`` the re-solve gave the layer, folded into that BN's running mean
+            (:mod:`acl_convert.network.batchnorm`); None otherwise.
     """
 
     layer: ConvLayer
@@ -77,6 +81,7 @@ class LayerResult:
     assignment: Assignment
     acl: ACL
     joint: JointSolution | None = None
+    fold: tuple[str, Tensor] | None = None
 
     @property
     def compact_factor(self) -> float:
@@ -165,6 +170,10 @@ class Conversion:
             del out[res.layer.weight_key]
             for key, value in res.acl.state_dict().items():
                 out[f"{res.layer.name}.{key}"] = value
+            if res.fold is not None:
+                bn, bias = res.fold
+                mean = out[f"{bn}.running_mean"]
+                out[f"{bn}.running_mean"] = mean - bias.to(mean)
         return out
 
     def header(self) -> AnaNNHeader:
@@ -183,9 +192,11 @@ class Conversion:
 
     def patched(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (the source architecture) with every converted conv replaced
-        by a copy of its ACL; the layers were built with the conv's own hyper-parameters, so
-        they drop in."""
+        by a copy of its ACL (and folded biases in their BatchNorms); the layers were built with
+        the conv's own hyper-parameters, so they drop in."""
         out = copy.deepcopy(model)
         for res in self.layers:
             set_submodule(out, res.layer.name, copy.deepcopy(res.acl))
+            if res.fold is not None:
+                fold_bias(out, *res.fold)
         return out

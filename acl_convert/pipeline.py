@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import kernels
 from .calibration.compensate import compensated
 from .calibration.fidelity import measure_fidelity
+from .calibration.holdout import split_calibration
 from .calibration.moments import Calibration, LayerMoments, execution_order
 from .conversion import Conversion, LayerResult, Source, state_dict_sha256
 from .errors import UsageError, UserError, note, option
@@ -36,6 +37,7 @@ from .fit.threads import compute_threads, fit_threads
 from .io.arch import model_for, parse_arch, recognise
 from .io.checkpoint import check_finite, load_checkpoint
 from .io.images import list_images, load_batches, preprocessing
+from .network.batchnorm import fold_bias, following_batchnorms
 from .network.convs import ConvLayer, conv_layers, estimate_fit_seconds, select_layers
 from .network.surgery import set_submodule
 from .nn.acl import ACL
@@ -212,8 +214,10 @@ class Job:
         arch: the architecture's spec, or None.
         layers: the convolutions to convert, in state-dict order.
         settings: resolved settings.
-        calibration: the calibration images, or None.
+        calibration: the calibration images fitted to, or None.
         notes: sentences for the user so far.
+        holdout: the held-out calibration images (batches) the fidelity is measured on; empty:
+            it is measured on the images fitted to.
     """
 
     source: Source
@@ -223,16 +227,18 @@ class Job:
     settings: Settings
     calibration: Calibration | None
     notes: list[str]
+    holdout: list[Tensor] = field(default_factory=list)
 
     @classmethod
     def create(cls, source, model, arch, layers: Layers, calibration, options: dict) -> Job:
         settings = Settings.from_options(options)
-        calib = None
+        calib, held = None, []
         if calibration is not None:
             if model is None:
                 raise _needs_arch("calibration")
             calib = Calibration(calibration, limit=settings.calibration_limit)
-        settings = settings.resolved(calib.images if calib else 0)
+            calib, held = split_calibration(calib, settings.holdout)
+        settings = settings.resolved(calib.images if calib else 0, sum(len(b) for b in held))
         check_device(settings.device)
         notes = list(source.notes)
         convs = conv_layers(source.state_dict, model)
@@ -244,7 +250,7 @@ class Job:
                 f"threshold {settings.threshold:g} >= 1 accepts every fit (a kernel's relative "
                 "residual is at most 1): every kernel becomes analytic, however poorly it fits"
             )
-        return cls(source, model, arch, chosen, settings, calib, notes)
+        return cls(source, model, arch, chosen, settings, calib, notes, held)
 
     def plan(self) -> list[Step]:
         """The progress tasks :meth:`run` will report, in order, each with its number of units
@@ -283,15 +289,18 @@ class Job:
                      lay.kernel_size, 1.0)  # fmt: skip
         return steps
 
-    def run(self, progress: ProgressFn | None = None) -> Conversion:
+    def run(self, progress: ProgressFn | None = None, fits: dict | None = None) -> Conversion:
         """Fit, choose and build every layer; the converted model and, with calibration, its
-        fidelity."""
+        fidelity. ``fits``: with calibration and a model-wide budget, the per-kernel fits of
+        an earlier run of this job at another budget (``{r.layer.name: r.fit for r in
+        conversion.layers}``): they are made on the original network's inputs, so they are the
+        same for every budget, and reusing them gives exactly what fitting again gives."""
         settings, calib, model = self.settings, self.calibration, self.model
         notes = list(self.notes)
         with fit_threads():
             if calib is not None and (settings.fit_to == "output" or settings.joint):
                 results = _convert_calibrated(
-                    self.source, self.layers, settings, calib, model, progress, notes
+                    self.source, self.layers, settings, calib, model, progress, notes, fits
                 )
             else:
                 results = _convert_plain(
@@ -302,10 +311,16 @@ class Job:
         if model is not None:
             conversion.model = conversion.patched(model).eval()
         if calib is not None:
-            conversion.fidelity = measure_fidelity(
-                model, conversion.model, calib.batches, [r.layer.name for r in results]
-            )
+            conversion.fidelity = self.fidelity(conversion)
         return conversion
+
+    def fidelity(self, conversion: Conversion) -> dict:
+        """:func:`measure_fidelity` of ``conversion`` on the held-out images (else on the images
+        fitted to); ``on`` says which (``holdout`` or ``calibration``)."""
+        on = "holdout" if self.holdout else "calibration"
+        batches = self.holdout or self.calibration.batches
+        names = [r.layer.name for r in conversion.layers]
+        return {**measure_fidelity(self.model, conversion.model, batches, names), "on": on}
 
 
 def _few_converted(results: Sequence[LayerResult], settings: Settings) -> list[str]:
@@ -459,14 +474,17 @@ def _fit_weighted(lay, weight, settings, moments: LayerMoments, progress) -> Fit
     )
 
 
-def _convert_calibrated(source, layers, settings, calibration, model, progress, notes):
+def _convert_calibrated(source, layers, settings, calibration, model, progress, notes, fits=None):
     """Layer by layer in network order: collect the layer's inputs through the layers converted
-    so far, fit, choose, refine under the full input moments, and put the ACL in place."""
+    so far, fit, choose, refine under the full input moments, and put the ACL in place.
+    ``fits``: with a model-wide budget, every layer's fits when already made (see
+    :meth:`Job.run`)."""
     current = copy.deepcopy(model).eval()
     order = execution_order(current, [lay.name for lay in layers], calibration.batches[0][:1])
     by_name = {lay.name: lay for lay in layers}
     state = source.state_dict
     model_budget = settings.budget and settings.budget_scope == "model"
+    folds = following_batchnorms(model, order) if settings.fold_bias and settings.joint else {}
 
     def inputs(name: str, against_original: bool = False) -> LayerMoments:
         def report(done: int) -> None:
@@ -477,19 +495,23 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
         with compute_threads():
             return calibration.moments(current, name, report, reference=reference)
 
-    fits: dict[str, FitResult] = {}
-    if model_budget:
+    fits = dict(fits or {})
+    if model_budget and not fits:
         # One budget over all layers needs every layer's fit before any choice: the fits see
         # the original network's inputs; the refinement below still goes in network order.
         for name in order:
             weight, _ = _weight_bias(state, by_name[name])
             fits[name] = _fit_weighted(by_name[name], weight, settings, inputs(name), progress)
+    if model_budget:
         selections = choose(fits, _rule(settings), notes)
     results = []
     for name in order:
         lay = by_name[name]
         mom = inputs(name, settings.compensate)
         weight, bias = _weight_bias(state, lay)
+        fold_into = folds.get(name) if bias is None else None
+        if fold_into is not None:
+            bias = weight.new_zeros(len(weight))  # solved, then folded into the BatchNorm
         if settings.compensate:
             weight, bias = compensated(weight, bias, mom)
         if model_budget:
@@ -501,9 +523,11 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
                 selection = meet_error_bound(
                     fits[name], selection, _rule(settings), weight, bias, mom.full
                 )
-        result = _refined_layer(lay, fits[name], selection, weight, bias, mom, settings)
+        result = _refined_layer(lay, fits[name], selection, weight, bias, mom, settings, fold_into)
         results.append(result)
         set_submodule(current, name, copy.deepcopy(result.acl).eval())
+        if result.fold is not None:
+            fold_bias(current, *result.fold)
     return results
 
 
@@ -513,8 +537,9 @@ def _layer_fit(lay, weight, settings, moments, progress) -> FitResult:
     return _fit_plain({lay.weight_key: weight}, [lay], settings, progress)[lay.name]
 
 
-def _refined_layer(lay, fit, selection, weight, bias, moments, settings) -> LayerResult:
-    """The chosen fit as a layer, refined under the full input moments when ``joint``."""
+def _refined_layer(lay, fit, selection, weight, bias, moments, settings, fold_into=None):
+    """The chosen fit as a :class:`LayerResult`, refined under the full input moments when
+    ``joint``; with ``fold_into`` (a BatchNorm's name) the solved bias goes there."""
     assignment = fit.assignment(selection, weight, bias)
     if not settings.joint:
         return LayerResult(lay, fit, selection, assignment, _build_acl(lay, assignment, weight))
@@ -526,11 +551,16 @@ def _refined_layer(lay, fit, selection, weight, bias, moments, settings) -> Laye
         moments.full,
         sweeps=settings.sweeps if by_output else 0,
         switch=fit.families,
+        steps=settings.reconstruct if fit.channels is None else 0,
     )
     assignment = joint.assignment
     if assignment.codes != selection.codes and fit.channels is None:
         # A sweep moved kernels to other families: the selection says which, for the report.
         choice = [fit.families.index(c) if c != "P" else -1 for c in assignment.codes]
         selection = fit.selection_from(torch.tensor(choice), settings.threshold_on)
+    fold = None
+    if fold_into is not None:
+        fold = (fold_into, assignment.bias.float())
+        assignment = assignment.replace(bias=None)
     acl = _build_acl(lay, assignment, weight, canonical=True)
-    return LayerResult(lay, fit, selection, assignment, acl, joint)
+    return LayerResult(lay, fit, selection, assignment, acl, joint, fold)

@@ -53,6 +53,9 @@ class Settings:
             re-solve its gains, offsets, plain kernels and bias together (default: on with
             calibration).
         sweeps: passes over the input channels when refitting a small layer's AKPs (0: none).
+        reconstruct: with ``joint``, gradient steps on all of a layer's parameters at once on
+            its exact output error under the full input moments, after the re-solve (0: none;
+            :mod:`acl_convert.fit.reconstruct`).
         compensate: with calibration, fit each layer to reproduce the original network's
             output from the inputs the converted network gives it.
         target_compact: instead of a threshold, reach this compact factor (0..1) adding the
@@ -62,9 +65,16 @@ class Settings:
         budget_scope: ``layer`` or ``model``: where a budget applies.
         tie_channels: one family and AKP set per output channel, a gain and offset per input
             channel.
-        calibration_limit: use at most this many calibration images.
+        fold_bias: with calibration and ``joint``, a conv without bias whose output goes only
+            to a BatchNorm gets a bias in the joint re-solve (the mean shift of its
+            approximation), folded into that BatchNorm's running mean: the AnaNN changes only
+            BN buffers.
+        calibration_limit: use at most this many calibration images (held-out ones included).
+        holdout: of those, how many are not fitted to but measure the conversion's fidelity
+            (default: a quarter, at most 64; 0: fidelity on the images fitted to, optimistic).
         calibration_images: how many calibration images the conversion fits to (set by
             :meth:`resolved`; 0 without calibration).
+        holdout_images: how many measure its fidelity instead (set by :meth:`resolved`).
     """
 
     families: tuple[str, ...] | str = kernels.PAPER_FAMILIES
@@ -77,18 +87,24 @@ class Settings:
     threshold_on: str | None = None
     joint: bool | None = None
     sweeps: int = 2
+    reconstruct: int = 0
     compensate: bool = True
     target_compact: float | None = None
     max_output_error: float | None = None
     budget_scope: str = "layer"
     tie_channels: bool = False
+    fold_bias: bool = True
     calibration_limit: int = 256
+    holdout: int | None = None
     calibration_images: int = 0
+    holdout_images: int = 0
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The settings a user may give (``calibration_images`` is derived)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "calibration_images")
+        """The settings a user may give (``calibration_images`` and ``holdout_images`` are
+        derived)."""
+        derived = ("calibration_images", "holdout_images")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in derived)
 
     @classmethod
     def from_options(cls, options: dict) -> Settings:
@@ -105,9 +121,10 @@ class Settings:
     def budget(self) -> bool:
         return self.target_compact is not None or self.max_output_error is not None
 
-    def resolved(self, calibration_images: int) -> Settings:
-        """These settings with every default filled in for a conversion with
-        ``calibration_images`` images (0: none), checked. Raises :class:`UsageError`."""
+    def resolved(self, calibration_images: int, holdout_images: int = 0) -> Settings:
+        """These settings with every default filled in for a conversion that fits to
+        ``calibration_images`` images (0: none) and measures on ``holdout_images`` more,
+        checked. Raises :class:`UsageError`."""
         calibrated = calibration_images > 0
         if self.threshold is not None and self.budget:
             raise UsageError(
@@ -123,6 +140,7 @@ class Settings:
             threshold_on=self.threshold_on or fit_to,
             joint=calibrated if self.joint is None else bool(self.joint),
             calibration_images=calibration_images,
+            holdout_images=holdout_images,
         )
         out._check()
         return out
@@ -153,13 +171,19 @@ class Settings:
                 f"{option('max_output_error')} must be >= 0, got {self.max_output_error}"
             )
         _check_number("threshold", self.threshold, 0)
-        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
-            raise UsageError(f"{option('sweeps')} must be an integer >= 0, got {self.sweeps!r}")
+        for name in ("sweeps", "reconstruct"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{option(name)} must be an integer >= 0, got {value!r}")
         if not isinstance(self.calibration_limit, int) or self.calibration_limit < 1:
             raise UsageError(
                 f"{option('calibration_limit')} must be an integer >= 1, "
                 f"got {self.calibration_limit!r}"
             )
+        if self.holdout is not None and (
+            isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0
+        ):
+            raise UsageError(f"{option('holdout')} must be an integer >= 0, got {self.holdout!r}")
         needs = [
             text
             for text, on in (
@@ -167,6 +191,7 @@ class Settings:
                 (f"{option('threshold_on', 'output')}", self.threshold_on == "output"),
                 (option("max_output_error"), self.max_output_error is not None),
                 (option("joint", True), self.joint),
+                (option("holdout"), self.holdout is not None),
             )
             if on
         ]

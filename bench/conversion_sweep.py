@@ -43,7 +43,7 @@ from acl_convert.io.arch import build_model  # noqa: E402
 from acl_convert.io.checkpoint import load_checkpoint  # noqa: E402
 from acl_convert.io.images import load_image, preprocessing  # noqa: E402
 from acl_convert.network.convs import conv_layers, select_layers  # noqa: E402
-from acl_convert.pipeline import Settings, convert  # noqa: E402
+from acl_convert.pipeline import convert_model  # noqa: E402
 from acl_convert.train.evaluate import evaluate  # noqa: E402
 from acl_convert.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
@@ -108,9 +108,9 @@ def sweep_model(key: str, args: argparse.Namespace) -> dict:
     for offset in (True, False):
         for tau in args.thresholds:
             t0 = time.perf_counter()
-            settings = Settings(offset=offset, threshold=tau, device="cpu")
-            conv = convert(ckpt, chosen, settings, arch=arch)
-            student = conv.patched(original)
+            names = [c.name for c in chosen]
+            conv = convert_model(original, names, arch=arch, offset=offset, threshold=tau)
+            student = conv.model
             before = evaluate(student, batches(ev), reference=original)
             with tempfile.TemporaryDirectory() as tmp:
                 config = FinetuneConfig(

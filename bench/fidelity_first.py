@@ -84,7 +84,7 @@ from acl_convert.calibration.moments import Calibration  # noqa: E402
 from acl_convert.io.arch import build_model  # noqa: E402
 from acl_convert.io.checkpoint import load_checkpoint  # noqa: E402
 from acl_convert.network.convs import conv_layers, select_layers  # noqa: E402
-from acl_convert.pipeline import Settings, convert  # noqa: E402
+from acl_convert.pipeline import Settings, convert_model  # noqa: E402
 from acl_convert.train.evaluate import evaluate  # noqa: E402
 from acl_convert.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
@@ -134,14 +134,20 @@ class Model:
         """``(conversion, seconds)``; the calibration and a fresh model go in only when the mode
         needs them, as the CLI does."""
         calibrated = settings.fit_to == "output" or settings.joint
+        options = {
+            name: getattr(settings, name)
+            for name in Settings.names()
+            if getattr(settings, name) != getattr(Settings, name)
+        }
+        if calibrated:
+            options["holdout"] = 0  # this bench measures on its own evaluation half
         t0 = time.perf_counter()
-        conv = convert(
-            self.ckpt,
-            self.layers,
-            settings,
+        conv = convert_model(
+            self.original,
+            [lay.name for lay in self.layers],
             arch=self.arch,
-            calibration=calib if calibrated else None,
-            model=build_model(self.arch) if calibrated else None,
+            calibration=calib.batches if calibrated else None,
+            **options,
         )
         return conv, time.perf_counter() - t0
 

@@ -258,6 +258,13 @@ def convert(
     calibration_limit: int = typer.Option(
         256, "--calibration-limit", help="Use at most this many calibration images."
     ),
+    holdout: int = typer.Option(
+        None,
+        "--holdout",
+        help="Of the calibration images, hold out this many: the conversion does not fit to "
+        "them, and its fidelity is measured on them (0: measured on the images fitted to, "
+        "optimistic). \\[default: a quarter, at most 64]",
+    ),
     fit_to: str = typer.Option(
         None,
         "--fit-to",
@@ -283,6 +290,12 @@ def convert(
         "--sweeps",
         help="Passes over the input channels when refitting a small layer's AKPs under its "
         "full input statistics (0: none).",
+    ),
+    reconstruct: int = typer.Option(
+        0,
+        "--reconstruct",
+        help="With --calibration: after the joint re-solve, this many gradient steps on all of "
+        "a layer's parameters at once on its exact output error (0: none).",
     ),
     compensate: bool = typer.Option(
         True,
@@ -314,6 +327,13 @@ def convert(
         help="One family and one AKP set per output channel, shared by its input channels, "
         "each with its own gain and offset (an RGB triple as one pattern in three strengths).",
     ),
+    fold_bias: bool = typer.Option(
+        True,
+        "--fold-bias/--no-fold-bias",
+        help="With --calibration: a conv without bias that feeds only a BatchNorm gets a bias "
+        "in the joint re-solve, folded into the BatchNorm's running mean (only BN buffers "
+        "change).",
+    ),
     arch: str = ArchOpt,
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
@@ -338,12 +358,15 @@ def convert(
         threshold_on=threshold_on,
         joint=joint,
         sweeps=sweeps,
+        reconstruct=reconstruct,
         compensate=compensate,
         target_compact=target_compact,
         max_output_error=max_output_error,
         budget_scope=budget_scope,
         tie_channels=tie_channels,
+        fold_bias=fold_bias,
         calibration_limit=calibration_limit,
+        holdout=holdout,
     )
     plan = OutputPlan(force=force, inputs=[checkpoint])
     output = plan.add(output or default_output(checkpoint, ".anann.safetensors"), "the AnaNN")
@@ -373,7 +396,8 @@ def convert(
         f"fitting {n_kernels:,} kernels of {len(job.layers)} layer(s) to "
         f"{len(settings.families)} families on {check_device(settings.device)}"
         + (
-            f", by output error on {settings.calibration_images} images"
+            f", by output error on {settings.calibration_images} images "
+            f"({settings.holdout_images} more held out to measure fidelity)"
             if settings.fit_to == "output"
             else ""
         ),
@@ -927,6 +951,176 @@ def finetune_cmd(
         table.add_row(str(k), f"{value:.5g}")
     out.print(table)
     _note(quiet, f"wrote {output} and {state_path(output)}")
+
+
+@app.command("sweep")
+@_user_errors
+def sweep_cmd(
+    checkpoint: Path = typer.Argument(..., help="Pretrained checkpoint."),
+    layers: list[str] = typer.Option(
+        ..., "--layers", "-l", help="Layers to convert, as for `convert`."
+    ),
+    calibration: Path = typer.Option(
+        ..., "--calibration", help="Folder of images the network really sees (as `convert`)."
+    ),
+    targets: str = typer.Option(
+        "0.2,0.3,0.4,0.5,0.6", "--targets", help="Compact factors to convert at, comma-separated."
+    ),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        help="Labelled evaluation images, read as `evaluate` reads them (not the calibration "
+        "images): adds top-1 and top-5 against the original's.",
+    ),
+    labels: Path = typer.Option(None, "--labels", help="Labels CSV of --data (as `evaluate`)."),
+    classes: Path = typer.Option(None, "--classes", help="Classes TSV of --data (as `evaluate`)."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate only the first N --data images."),
+    calibration_limit: int = typer.Option(
+        256, "--calibration-limit", help="Use at most this many calibration images."
+    ),
+    holdout: int = typer.Option(
+        None,
+        "--holdout",
+        help="Calibration images held out to measure every point. \\[default: a quarter, at "
+        "most 64]",
+    ),
+    families: str = typer.Option(
+        ",".join(acl_convert.kernels.PAPER_FAMILIES), "--families", help="As for `convert`."
+    ),
+    budget_scope: str = typer.Option(
+        "model",
+        "--budget-scope",
+        help="model: one budget over all layers (fits made once for all points); layer: each "
+        "layer meets the budget (one full conversion per point).",
+    ),
+    sweeps: int = typer.Option(2, "--sweeps", help="As for `convert`."),
+    reconstruct: int = typer.Option(0, "--reconstruct", help="As for `convert`."),
+    offset: bool = typer.Option(True, "--offset/--no-offset", help="As for `convert`."),
+    fold_bias: bool = typer.Option(True, "--fold-bias/--no-fold-bias", help="As for `convert`."),
+    json_path: Path = typer.Option(None, "--json", help="Write the points as JSON here."),
+    plot: Path = typer.Option(None, "--plot", help="Write the trade-off plot (PNG) here."),
+    html_path: Path = typer.Option(None, "--html", help="Write an HTML page of the sweep here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fit's initialisation grid."),
+    arch: str = ArchOpt,
+    force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
+    trust_pickle: bool = TrustOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Convert at several compact factors and measure each on held-out images: pick a budget
+    before converting."""
+    from acl_convert.io.outputs import OutputPlan
+    from acl_convert.report.sweep_page import sweep_table
+
+    try:
+        values = [float(t) for t in _split(targets)]
+    except ValueError:
+        raise UsageError(f"--targets must be comma-separated numbers, got {targets!r}") from None
+    plan = OutputPlan(force=force, inputs=[checkpoint])
+    outputs = {
+        key: plan.add(path, what)
+        for key, path, what in (
+            ("json", json_path, "the sweep's JSON"),
+            ("plot", plot, "the sweep's plot"),
+            ("html", html_path, "the sweep's page"),
+        )
+        if path is not None
+    }
+    evaluation = None
+    if data is not None:
+        evaluation = _evaluation_set(data, labels, classes, limit, calibration)
+    given = dict(
+        families=families,
+        budget_scope=budget_scope,
+        sweeps=sweeps,
+        reconstruct=reconstruct,
+        offset=offset,
+        fold_bias=fold_bias,
+        device=device,
+        seed=seed,
+        calibration_limit=calibration_limit,
+        holdout=holdout,
+    )
+    result = _run_sweep(
+        checkpoint, layers, calibration, evaluation, values, arch, trust_pickle, quiet, given
+    )
+    doc = result.to_dict()
+    header, rows = sweep_table(doc)
+    held = doc["points"][0]["fidelity"]
+    table = Table(
+        title=Text(f"sweep of {len(result.layers)} layer(s), held-out: {held['images']} images"),
+        title_justify="left",
+    )
+    for col in header:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*("-" if v is None else f"{v:.4g}" for v in row))
+    out.print(table)
+    _write_sweep(doc, outputs, checkpoint.name)
+    if outputs:
+        _note(quiet, "wrote " + ", ".join(str(p) for p in outputs.values()))
+
+
+def _evaluation_set(data: Path, labels, classes, limit, calibration: Path):
+    """The labelled evaluation batches of ``data``, after checking no image is also a
+    calibration image (a point measured on images it fitted to would look better than it is)."""
+    from acl_convert.io.images import list_images
+    from acl_convert.io.labelled import labelled_images
+
+    dataset = labelled_images(data, labels=labels, classes=classes).head(limit)
+    shared = {p.resolve() for p in list_images(calibration)} & {
+        s.path.resolve() for s in dataset.samples
+    }
+    if shared:
+        raise UsageError(
+            f"{len(shared)} image(s) of --data are also calibration images (e.g. "
+            f"{sorted(shared)[0].name}); evaluate on images the conversion does not fit to"
+        )
+    return dataset
+
+
+def _run_sweep(checkpoint, layers, calibration, dataset, values, arch, trust_pickle, quiet, given):
+    from acl_convert.io.images import preprocessing
+    from acl_convert.pipeline import prepare_checkpoint
+    from acl_convert.sweep import sweep
+
+    job = prepare_checkpoint(
+        checkpoint,
+        [s for sel in layers for s in _split(sel)],
+        arch=arch,
+        calibration=calibration,
+        trust_pickle=trust_pickle,
+        **given,
+    )
+    for line in job.notes:
+        _note(quiet, line)
+    evaluation = None
+    if dataset is not None:
+        evaluation = list(dataset.batches(preprocessing(job.arch, job.model), 32))
+
+    def on_point(target: float, i: int, total: int) -> None:
+        _note(quiet, f"[{i + 1}/{total}] converting at compact factor {target:g}")
+
+    return sweep(job, values, evaluation=evaluation, progress=on_point)
+
+
+def _write_sweep(doc: dict, outputs: dict, name: str) -> None:
+    """The sweep's files, renamed together (all new or none, as a conversion's)."""
+    from acl_convert.io.outputs import atomic_paths
+    from acl_convert.report.figures import to_png
+    from acl_convert.report.sweep_page import sweep_figure, sweep_html
+
+    png = to_png(sweep_figure(doc, name)) if {"plot", "html"} & set(outputs) else None
+    with atomic_paths(list(outputs.values())) as tmps:
+        tmp = dict(zip(outputs, tmps, strict=True))
+        if "json" in tmp:
+            tmp["json"].write_text(json.dumps(doc, indent=1))
+        if "plot" in tmp:
+            tmp["plot"].write_bytes(png)
+        if "html" in tmp:
+            text = sweep_html(doc, png, f"{name}: compact factor against fidelity")
+            tmp["html"].write_text(text, encoding="utf-8")
 
 
 def run() -> None:

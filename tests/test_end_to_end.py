@@ -192,10 +192,13 @@ def test_calibration_reports_fidelity_computed_independently(
 ):
     """``--calibration``: the report's fidelity equals what we get by running torchvision's
     SqueezeNet with the original and with the baked weights on the same images, preprocessed
-    by torchvision's own weights transform."""
+    by torchvision's own weights transform, on the held-out images (by default a quarter of
+    the 8, spread over the sorted list)."""
     from PIL import Image
 
-    images = copy_images(tmp_path / "imgs", 6)
+    from acl_convert.calibration.holdout import held_positions
+
+    images = copy_images(tmp_path / "imgs", 8)
     out = tmp_path / "out"
     out.mkdir()
     report = out / "r.json"
@@ -203,7 +206,8 @@ def test_calibration_reports_fidelity_computed_independently(
     result = invoke(*args, "-o", out / "a.anann.safetensors", "--report", report)
     assert result.exit_code == 0, result.stderr
     fid = json.loads(report.read_text())["fidelity"]
-    assert fid["images"] == 6
+    assert fid["images"] == 2 and fid["on"] == "holdout"
+    assert "2 held-out calibration images" in result.stdout
     assert "fidelity" in result.stdout and "top-1 agreement" in result.stdout
 
     baked_path = out / "baked.safetensors"
@@ -213,7 +217,8 @@ def test_calibration_reports_fidelity_computed_independently(
     baked = torchvision.models.squeezenet1_0(weights=None).eval()
     baked.load_state_dict(load_file(baked_path))
     transform = torchvision.models.SqueezeNet1_0_Weights.DEFAULT.transforms()
-    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(images.iterdir())])
+    files = sorted(images.iterdir())
+    x = torch.stack([transform(Image.open(files[i]).convert("RGB")) for i in held_positions(8, 2)])
     with torch.no_grad():
         zo, zb = original(x), baked(x)
         f0o = original.features[0](x)

@@ -332,8 +332,9 @@ def tiny_setup():
 
 
 def _run(tiny_setup, **kw):
+    """Fitted to all 16 images (no holdout), so predictions and measurements on them agree."""
     model, _, layers, calib, _x = tiny_setup
-    return convert_model(model, layers, calibration=calib.batches, device="cpu", **kw)
+    return convert_model(model, layers, calibration=calib.batches, device="cpu", holdout=0, **kw)
 
 
 def _measured_error(tiny_setup, conv, name):
@@ -472,11 +473,14 @@ def test_cli_calibration_reports_predicted_and_measured_output_error(
         tmp_path / "a.anann.safetensors",
         "--report",
         report,
+        "--holdout",
+        "0",
         "-q",
     )
     assert result.exit_code == 0, result.stderr
     doc = json.loads(report.read_text())
     assert doc["settings"]["fit_to"] == "output" and doc["settings"]["joint"] is True
+    assert doc["fidelity"]["on"] == "calibration" and doc["fidelity"]["images"] == 8
     lay = doc["layers"][0]
     assert lay["output_error"]["resolved"] <= lay["output_error"]["fitted"]
     measured = doc["fidelity"]["layer_rel_error"]["features.0"]

@@ -463,16 +463,24 @@ def refit_layer(
     *,
     sweeps: int,
     switch: Sequence[str] | None,
+    steps: int = 0,
 ) -> JointSolution:
     """A fitted layer refined under its full input moments: AKPs channel by channel
     (:func:`refine_channels`, ``sweeps`` passes, for untied layers with
     ``Ci/groups * h * w <= SWEEP_LIMIT``; a kernel may switch to a family of ``switch`` with no
-    more parameters), then all linear parameters together (:func:`resolve`).
+    more parameters), then all linear parameters together (:func:`resolve`); with ``steps``,
+    then gradient steps on all parameters at once
+    (:func:`~acl_convert.fit.reconstruct.reconstruct`) and the linear re-solve again.
     ``error_before`` is the error of ``assignment`` as given."""
+    from .reconstruct import reconstruct  # it builds ACLs, which import the fitting engine
+
     before, _ = output_errors(weight, assignment.weight(), moments, bias, assignment.bias)
     cig, h, w = weight.shape[1:]
     if sweeps and assignment.tie is None and cig * h * w <= SWEEP_LIMIT:
         assignment = refine_channels(assignment, weight, moments, sweeps=sweeps, switch=switch)
     sol = resolve(assignment, weight, bias, moments)
+    if steps:
+        stepped = reconstruct(sol.assignment, weight, bias, moments, steps=steps)
+        sol = resolve(stepped, weight, bias, moments)
     sol.error_before = before
     return sol

@@ -219,7 +219,10 @@ def _summary(report: Mapping[str, Any], anchors: Mapping[str, str]) -> str:
 
 def _fidelity(fid: Mapping[str, Any]) -> str:
     rows: list[list[Cell]] = [
-        ["calibration images", fid.get("images")],
+        [
+            "held-out images" if fid.get("on") == "holdout" else "calibration images (fitted to)",
+            fid.get("images"),
+        ],
         ["logits relative error", fid.get("logits_rel_error")],
         ["top-1 agreement", fid.get("top1_agreement")],
     ]

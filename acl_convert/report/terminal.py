@@ -80,8 +80,15 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         print_fidelity(fid, console)
 
 
+def fidelity_images(fid: dict[str, Any]) -> str:
+    """Which images a fidelity was measured on, in words."""
+    if fid.get("on") == "holdout":
+        return f"{fid['images']} held-out calibration images (not fitted to)"
+    return f"{fid['images']} calibration images (the ones fitted to: optimistic)"
+
+
 def print_fidelity(fid: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"fidelity on {fid['images']} calibration images", title_justify="left")
+    table = Table(title=f"fidelity on {fidelity_images(fid)}", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("logits relative error", f"{fid['logits_rel_error']:.4f}")
