@@ -12,6 +12,8 @@ what the analytic ones miss, and the bias absorbs the mean shift.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from ..nn.assignment import PLAIN, Assignment
 from . import dictionary, lm, metric
 from .engine import _linear_fit, fit_kernels
 from .metric import channel_blocks
-from .threads import single_threaded
+from .threads import map_in_order, single_threaded, workers
 
 __all__ = [
     "JointSolution",
@@ -123,13 +125,13 @@ def resolve(
     gain, offset = assignment.gain.clone(), assignment.offset.clone()
     plain = assignment.plain.clone().reshape(co * cg, -1)
     new_bias = None if assignment.bias is None else assignment.bias.clone()
-    for q in range(co):
-        solved = problem.solve(q, target[q])
+    chunks = problem.chunks()
+    solved_chunks = map_in_order(lambda qs: problem.solve_chunk(qs, target), chunks, workers())
+    channels = (q for qs in chunks for q in qs)
+    for q, solved in zip(channels, itertools.chain.from_iterable(solved_chunks), strict=True):
         if solved is None:
             continue  # all plain: exact already
-        new, (g_new, o_new, p_new, b_new) = solved
-        diff = target[q] - new
-        err = diff @ sig[q // (co // len(sig))] @ diff
+        (g_new, o_new, p_new, b_new), err = solved
         if not bool(err <= err_before[q]):
             continue  # only rounding can make the exact solution worse than the start
         err_after[q] = err
@@ -161,6 +163,9 @@ def _with_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
 #: and only the ACKs' gains, offsets and the bias are re-solved (with the plain part fixed).
 PLAIN_RESOLVE_LIMIT = 1200
 
+#: Float64 entries of ``S`` times the kernel shapes of one chunk of output channels (64 MB).
+_CHUNK_ENTRIES = 1 << 23
+
 
 class _Linear:
     """The linear least-squares problem of each output channel: its ACKs' gains (columns: the
@@ -184,6 +189,50 @@ class _Linear:
         self.plains = [is_plain[q].nonzero()[:, 0] for q in range(co)]
         self.offs = [has_offset[q].nonzero()[:, 0] for q in range(co)]
         self.per_group = co // len(sig)
+        self._by_channel: dict[int, Tensor] = {}
+        self._lock = threading.Lock()
+
+    def chunks(self) -> list[range]:
+        """The output channels in the consecutive runs :meth:`solve_chunk` takes, each within
+        one group and small enough that ``S`` times its kernels' shapes stays ~64 MB; fixed by
+        the layer's shape alone, so the result does not depend on the thread count."""
+        d = self.cg * self.n
+        size = max(1, min(16, _CHUNK_ENTRIES // (self.cg * (d + 1))))
+        co = self.per_group * len(self.sig)
+        return [
+            range(lo, min(lo + size, start + self.per_group))
+            for start in range(0, co, self.per_group)
+            for lo in range(start, start + self.per_group, size)
+        ]
+
+    def _channel_major(self, g: int) -> Tensor:
+        """``(Ci/groups, D + 1, n)``: group ``g``'s ``S`` columns by input channel, made
+        contiguous once per group (a batched product over channels then reads ``S`` once)."""
+        with self._lock:  # one copy per group, whichever thread gets there first
+            if g in self._by_channel:
+                return self._by_channel[g]
+            d = self.cg * self.n
+            s3 = self.sig[g][:, :d].reshape(d + 1, self.cg, self.n)
+            self._by_channel[g] = s3.permute(1, 0, 2).contiguous()
+            return self._by_channel[g]
+
+    def solve_chunk(self, qs: range, targets: Tensor) -> list[tuple[tuple, Tensor] | None]:
+        """:meth:`solve` for the output channels ``qs`` (one of :meth:`chunks`), ``S``
+        applied to all their kernel shapes in one batched product: per channel its
+        coefficients and the expected squared output error they leave, or None."""
+        g = qs[0] // self.per_group
+        shapes = self.base[qs.start : qs.stop].permute(1, 2, 0)  # (Ci/groups, n, |qs|)
+        s_base = torch.bmm(self._channel_major(g), shapes)  # (Ci/groups, D + 1, |qs|)
+        solved = [self.solve(q, targets[q], s_base[:, :, i].T) for i, q in enumerate(qs)]
+        done = [i for i, one in enumerate(solved) if one is not None]
+        if not done:
+            return [None] * len(qs)
+        diff = targets[[qs[i] for i in done]] - torch.stack([solved[i][0] for i in done])
+        errs = ((diff @ self.sig[g]) * diff).sum(1)
+        out: list[tuple[tuple, Tensor] | None] = [None] * len(qs)
+        for i, err in zip(done, errs, strict=True):
+            out[i] = (solved[i][1], err)
+        return out
 
     def _channel_sums(self, q: int) -> Tensor:
         """``(D + 1, Ci/groups)``: the columns of ``S`` summed over each input channel's pixels
@@ -194,9 +243,10 @@ class _Linear:
             self._sums[g] = self.sig[g][:, :d].reshape(d + 1, self.cg, self.n).sum(-1)
         return self._sums[g]
 
-    def solve(self, q: int, target: Tensor) -> tuple[Tensor, tuple] | None:
+    def solve(self, q: int, target: Tensor, s_base: Tensor) -> tuple[Tensor, tuple] | None:
         """The best ``(D + 1,)`` weights-and-bias of output channel ``q`` and its coefficients
-        (gains, offsets, plain values ``(n_plain, n)``, bias), or None when it is all plain."""
+        (gains, offsets, plain values ``(n_plain, n)``, bias), or None when it is all plain.
+        ``s_base``: ``(D + 1, Ci/groups)``, ``S`` times each of its kernels' unscaled shapes."""
         analytic, plains, offs = self.analytic[q], self.plains[q], self.offs[q]
         if analytic.numel() == 0:
             return None
@@ -213,10 +263,8 @@ class _Linear:
         s3 = sigma[:, :d].reshape(d + 1, cg, n)  # columns of S by (input channel, pixel)
         base = self.base[q]
         # S @ Phi without forming Phi: every column of Phi lives in one input channel's block.
-        # Contracted over all channels and then picked: indexing S by channel first would copy
-        # it for every output channel (170 MB each on a 512-channel 3x3 layer).
         s_cols = [
-            torch.einsum("dpn,pn->dp", s3, base)[:, analytic],
+            s_base[:, analytic],
             self._channel_sums(q)[:, offs],
             s3[:, plains].reshape(d + 1, -1),
         ]
