@@ -513,7 +513,8 @@ def _convert_calibrated(source, layers, settings, calibration, model, progress, 
         if fold_into is not None:
             bias = weight.new_zeros(len(weight))  # solved, then folded into the BatchNorm
         if settings.compensate:
-            weight, bias = compensated(weight, bias, mom)
+            with compute_threads():
+                weight, bias = compensated(weight, bias, mom)
         if model_budget:
             selection = selections[name]
         else:

@@ -13,9 +13,14 @@ For each threshold (default 0.3, the default, and 1.0, every kernel analytic):
 each with its wall time, CPU time and peak RSS (``getrusage`` of the child), then the sizes of
 the AnaNN and of the report against the source checkpoint, and ``export``'s row count.
 
+With ``--calibration DIR``, also ``acl-convert r50.pth --layers all --calibration DIR`` with
+``--images`` of its images (default 256: 192 fitted, 64 held out), its wall time, peak RSS and
+held-out fidelity.
+
 Usage::
 
     python bench/scale.py [--thresholds 0.3,1.0] [--workdir DIR] [--json OUT]
+                          [--calibration DIR [--images N]]
 
 The random-init network converts almost nothing at 0.3 (its kernels are not analytic): the 1.0
 row is the one that tests file sizes. A checkpoint of your own: ``--checkpoint PATH``.
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="default: a seeded random ResNet-50")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--calibration", type=Path, help="an image folder: also run the calibrated conversion on it"
+    )
+    ap.add_argument("--images", type=int, default=256, help="calibration images (default 256)")
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="acl-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -139,10 +148,46 @@ def main(argv: list[str] | None = None) -> int:
               f"({row['anann_over_source']:.1%} of the source), report {row['report_mb']:.2f} MB "
               f"({row['report_over_source']:.2%}); export {n_rows:,} rows in "
               f"{exported['wall_s']:.1f} s (load before {res['load_before']:.1f})")  # fmt: skip
+    calibrated = None
+    if args.calibration is not None:
+        calibrated = _calibrated(ckpt, args.calibration, args.images, work)
     if args.json:
         args.json.write_text(json.dumps({"fit": {k: v for k, v in fit.items() if k != "stdout"},
-                                         "kernels": kernels, "rows": rows}, indent=1))  # fmt: skip
+                                         "kernels": kernels, "rows": rows,
+                                         "calibrated": calibrated}, indent=1))  # fmt: skip
     return 0
+
+
+def _calibrated(ckpt: Path, images: Path, count: int, work: Path) -> dict:
+    """``acl-convert CKPT --layers all --calibration DIR`` with ``count`` images (a quarter of
+    them, at most 64, held out by default): wall time, peak RSS and the held-out fidelity."""
+    out = work / "calibrated"
+    out.mkdir(exist_ok=True)
+    cmd = [PYTHON, "-m", "acl_convert", str(ckpt.resolve()), "-l", "all", "--calibration",
+           str(images.resolve()), "--calibration-limit", str(count), "--no-html", "-q", "-f",
+           "-o", "net.anann.safetensors"]  # fmt: skip
+    res = run(cmd, out)
+    doc = json.loads((out / "net.report.json").read_text())
+    fid = doc["fidelity"]
+    row = {
+        "images": count,
+        "fitted_images": doc["settings"]["calibration_images"],
+        "held_out_images": doc["settings"]["holdout_images"],
+        "wall_s": res["wall_s"],
+        "cpu_s": res["cpu_s"],
+        "peak_rss_mb": res["peak_rss_mb"],
+        "compact_factor": doc["totals"]["compact_factor"],
+        "logits_rel_error": fid["logits_rel_error"],
+        "top1_agreement": fid["top1_agreement"],
+        "load_before": res["load_before"],
+    }
+    print(f"calibrated, {count} images ({row['fitted_images']} fitted, "
+          f"{row['held_out_images']} held out): wall {res['wall_s'] / 60:.1f} min, CPU "
+          f"{res['cpu_s'] / 60:.1f} min, peak RSS {res['peak_rss_mb']:.0f} MB; compact factor "
+          f"{row['compact_factor']:.3f}, held-out logits error {row['logits_rel_error']:.3f}, "
+          f"top-1 agreement {row['top1_agreement']:.1%} (load before "
+          f"{res['load_before']:.1f})")  # fmt: skip
+    return row
 
 
 if __name__ == "__main__":

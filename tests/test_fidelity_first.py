@@ -590,6 +590,91 @@ def test_compensated_target_undoes_upstream_error(tiny_setup):
     assert err_comp < 0.9 * err_plain, (err_comp, err_plain)
 
 
+def test_cross_moment_is_the_patch_cross_moment_times_the_original_weights(tiny_setup):
+    """``LayerMoments.cross`` (collected from the original conv's output) equals
+    ``E[[x; 1] [x_ref; 1]^T] [w; b]`` formed from both networks' unfolded input patches."""
+    model, _, layers, calib, x = tiny_setup
+    converted = convert_model(model, layers[:1], device="cpu", threshold=1.0).model
+    mom = calib.moments(converted, "conv2", reference=model)
+    feeds = {}
+    for net, key in ((converted, "x"), (model, "ref")):
+        h = net.conv2.register_forward_pre_hook(lambda _m, i, key=key: feeds.__setitem__(key, i[0]))
+        with torch.no_grad():
+            net(x)
+        h.remove()
+
+    def patches(inp):  # (B * L, D + 1), batch-major like the collector; conv2: 3x3, padding 1
+        cols = F.unfold(inp.double(), 3, padding=1).transpose(1, 2).reshape(-1, 9 * inp.shape[1])
+        return torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype)], 1)
+
+    px, pref = patches(feeds["x"]), patches(feeds["ref"])
+    a = torch.cat([model.conv2.weight.double().flatten(1), model.conv2.bias.double()[:, None]], 1)
+    expected = px.T @ (pref @ a.T) / len(px)
+    assert mom.cross.shape == (1, *expected.shape)
+    # The collector multiplies float32 conv outputs (relative rounding ~1e-7) in float64.
+    scale = float(expected.abs().max())
+    assert torch.allclose(mom.cross[0], expected, rtol=0, atol=1e-5 * scale)
+
+
+class _Wide(nn.Module):
+    """A wide conv on a small map: 577 unknowns per output channel, 16 patches an image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 5, stride=5)
+        self.conv2 = nn.Conv2d(64, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+def _conv2_error(student, teacher, weight, bias, images):
+    """Relative error of ``conv2`` with ``weight``/``bias`` on ``student``'s conv2 inputs
+    against ``teacher``'s conv2 output."""
+    feed = {}
+    h = student.conv2.register_forward_pre_hook(lambda _m, i: feed.__setitem__("x", i[0]))
+    with torch.no_grad():
+        student(images)
+        want = teacher(images)
+    h.remove()
+    got = F.conv2d(feed["x"], weight, bias, padding=1)
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_compensation_does_not_overfit_a_wide_layer_with_few_patches(blur):
+    """Fitted to 8 images (128 patches for 577 unknowns), the exact compensated target
+    reproduces those images to rounding; on 64 others it does worse than the original weights
+    (white-noise images) or than a ridge (smooth ones). The validated ridge (checked on half the
+    8 images) is no worse than either there, and with 64 images it compensates."""
+    torch.manual_seed(3)
+    model = _Wide().eval()
+    if blur:
+        images = smooth_images(136, 3, 20, seed=4, blur=blur)
+    else:
+        images = torch.randn(136, 3, 20, 20, generator=torch.Generator().manual_seed(4))
+    few, unseen = images[:8], images[8:72]
+    converted = convert_model(model, ["conv1"], device="cpu", threshold=1.0).model
+    w, b = model.conv2.weight.detach(), model.conv2.bias.detach()
+    original = _conv2_error(converted, model, w, b, unseen)
+
+    mom = Calibration([few]).moments(converted, "conv2", reference=model)
+    assert mom.half is not None and mom.half.count == 4 * 16
+    guarded = _conv2_error(converted, model, *compensated(w, b, mom), unseen)
+    mom.half = None  # no half to validate on: the (nearly) exact solve
+    exact_w, exact_b = compensated(w, b, mom)
+    assert _conv2_error(converted, model, exact_w, exact_b, few) < 1e-4 * original
+    exact = _conv2_error(converted, model, exact_w, exact_b, unseen)
+    assert guarded <= min(original, exact) * 1.0001, (guarded, original, exact)
+    if not blur:
+        assert exact > 1.05 * original, (exact, original)
+    else:
+        assert guarded < 0.95 * exact, (guarded, exact)
+
+    many = Calibration([images[72:]]).moments(converted, "conv2", reference=model)
+    assert _conv2_error(converted, model, *compensated(w, b, many), unseen) < 0.95 * original
+
+
 def test_joint_resolve_keeps_plain_kernels_when_they_would_make_it_too_big(monkeypatch):
     """Beyond PLAIN_RESOLVE_LIMIT unknowns the plain kernels keep their values and the gains,
     offsets and bias are the least-squares solution around them: the gradient of the output

@@ -40,14 +40,21 @@ class LayerMoments:
             the order of ``weight[q].flatten()``); the appended 1 carries the bias and the mean.
         kernel_size: ``(h, w)``.
         count: patches averaged (images times output positions).
-        cross: ``(G, D + 1, D + 1)`` float64 ``E[[x; 1] [x_ref; 1]^T]`` against the same layer's
-            patches in a reference (the original) network, or None.
+        cross: ``(G, D + 1, Co/G)`` float64 ``E[[x; 1] y_ref^T]``: the patches against the
+            same layer's output in a reference (the original) network, bias included, or None.
+            It is the cross moment of the two networks' patches times the reference weights
+            (``E[[x; 1] [x_ref; 1]^T] [w; b]``), all the compensated target needs, at ``Co/G``
+            columns instead of ``D + 1``.
+        half: with ``cross``, the same moments over the odd-numbered calibration images alone
+            (None with fewer than two): what a choice fitted on the other half (the even
+            images) is checked on, see :func:`acl_convert.calibration.compensate.compensated`.
     """
 
     full: Tensor
     kernel_size: tuple[int, int]
     count: int
     cross: Tensor | None = None
+    half: LayerMoments | None = None
 
     @property
     def groups(self) -> int:
@@ -116,44 +123,96 @@ class Calibration:
     ) -> LayerMoments:
         """Run the images through ``model`` up to the conv ``name`` and average ``[x; 1][x; 1]^T``
         over all its input patches (zero padding included, as the conv sees it). With
-        ``reference`` (the original network), also average ``[x; 1][x_ref; 1]^T`` with the same
-        layer's patches there, image by image. ``progress(images)`` is called after every
-        batch."""
+        ``reference`` (the original network), also average ``[x; 1] y_ref^T`` with the same
+        layer's output there, image by image and position by position. ``progress(images)`` is
+        called after every batch."""
         conv = model.get_submodule(name)
         if not isinstance(conv, nn.Conv2d) and not hasattr(conv, "kernel_size"):
             raise UserError(f"{name} is not a convolution; cannot collect its inputs")
         h, w = conv.kernel_size
         groups = conv.groups
         d = conv.in_channels // groups * h * w
-        total = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
-        cross = None if reference is None else torch.zeros_like(total)
-        count = 0
+        per_group = conv.out_channels // groups
+        # With a reference, the even- and odd-numbered images are summed apart: the odd ones'
+        # moments are the half that the compensation's ridge is validated on.
+        sums = [_Sums(groups, d, per_group if reference is not None else 0)]
+        if reference is not None:
+            sums.append(_Sums(groups, d, per_group))
+        seen = 0
         for x in self.batches:
             cols = _patches(model, name, x)  # (G, D + 1, B * L)
-            ref = None if reference is None else _patches(reference, name, x)
-            # Summed in float64: a float32 product over thousands of patches is off by ~1e-8 of
-            # the largest eigenvalue, more than the smallest eigenvalues of smooth images' patch
-            # moments (3e-12 of the largest on the tests' blurred noise), so S came out
-            # indefinite, the joint re-solve minimised a non-convex quadratic along those
-            # directions, the channel sweeps could raise the output error (1.2 -> 2.7 on a toy
-            # layer), and both followed the CPU's float32 summation order (MKL's differs between
-            # Intel and AMD). Chunks of patches bound the float64 copies.
-            for lo in range(0, cols.shape[2], _CHUNK):
-                part = cols[:, :, lo : lo + _CHUNK].double()
-                total.add_(part @ part.transpose(1, 2))
-                if ref is not None:
-                    cross.add_(part @ ref[:, :, lo : lo + _CHUNK].double().transpose(1, 2))
-            count += cols.shape[2]
+            ref = None if reference is None else _outputs(reference, name, x, groups)
+            if ref is not None and ref.shape[2] != cols.shape[2]:
+                raise UserError(
+                    f"layer {name} gives {ref.shape[2]} outputs for {cols.shape[2]} patches in "
+                    "the original network; its padding or stride is not what the module says"
+                )
+            if len(sums) == 1:
+                sums[0].add(cols, ref)
+            else:
+                for parity, half in enumerate(sums):
+                    picked = [i for i in range(len(x)) if (seen + i) % 2 == parity]
+                    half.add(*(_images(t, len(x), picked) for t in (cols, ref)))
+            seen += len(x)
             if progress is not None:
                 progress(len(x))
-        if count == 0:
+        whole = sums[0] if len(sums) == 1 else sums[0].merged(sums[1])
+        if whole.count == 0:
             raise UserError(f"layer {name} never ran on the calibration images")
+        out = whole.moments((h, w))
+        if len(sums) == 2 and sums[0].count and sums[1].count:
+            out.half = sums[1].moments((h, w))
+        return out
+
+
+class _Sums:
+    """Running float64 sums of ``[x; 1][x; 1]^T`` (and ``[x; 1] y_ref^T`` with ``outputs``
+    columns) over a set of patches."""
+
+    def __init__(self, groups: int, d: int, outputs: int) -> None:
+        self.total = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
+        self.cross = torch.zeros(groups, d + 1, outputs, dtype=torch.float64) if outputs else None
+        self.count = 0
+
+    def add(self, cols: Tensor, ref: Tensor | None) -> None:
+        """Add patches ``(G, D + 1, P)`` (and the reference outputs ``(G, Co/G, P)``)."""
+        # Summed in float64: a float32 product over thousands of patches is off by ~1e-8 of the
+        # largest eigenvalue, more than the smallest eigenvalues of smooth images' patch moments
+        # (3e-12 of the largest on the tests' blurred noise), so S came out indefinite, the
+        # joint re-solve minimised a non-convex quadratic along those directions, the channel
+        # sweeps could raise the output error (1.2 -> 2.7 on a toy layer), and both followed
+        # the CPU's float32 summation order (MKL's differs between Intel and AMD). Chunks of
+        # patches bound the float64 copies.
+        for lo in range(0, cols.shape[2], _CHUNK):
+            part = cols[:, :, lo : lo + _CHUNK].double()
+            self.total.add_(part @ part.transpose(1, 2))
+            if self.cross is not None:
+                self.cross.add_(part @ ref[:, :, lo : lo + _CHUNK].double().transpose(1, 2))
+        self.count += cols.shape[2]
+
+    def merged(self, other: _Sums) -> _Sums:
+        """Both sets of patches together (``other`` stays as it is)."""
+        out = _Sums(0, 0, 0)
+        out.total = self.total + other.total
+        out.cross = None if self.cross is None else self.cross + other.cross
+        out.count = self.count + other.count
+        return out
+
+    def moments(self, kernel_size: tuple[int, int]) -> LayerMoments:
         return LayerMoments(
-            full=total / count,
-            kernel_size=(h, w),
-            count=count,
-            cross=None if cross is None else cross / count,
+            full=self.total / self.count,
+            kernel_size=kernel_size,
+            count=self.count,
+            cross=None if self.cross is None else self.cross / self.count,
         )
+
+
+def _images(columns: Tensor, images: int, picked: list[int]) -> Tensor:
+    """The columns of the ``picked`` images among ``images`` (each ``L`` consecutive ones, as
+    :func:`_patches` and :func:`_outputs` lay them out)."""
+    g, rows, total = columns.shape
+    per_image = columns.view(g, rows, images, total // images)
+    return per_image[:, :, picked].reshape(g, rows, -1)
 
 
 def _image_batches(batches: Iterable, limit: int | None) -> list[Tensor]:
@@ -182,6 +241,34 @@ def _image_batches(batches: Iterable, limit: int | None) -> list[Tensor]:
         out.append(x)
         seen += len(x)
     return out
+
+
+def _outputs(model: nn.Module, name: str, x: Tensor, groups: int) -> Tensor:
+    """The output of the conv ``name`` of ``model`` on images ``x``, ``(G, Co/G, B * L)`` in
+    the order of :func:`_patches`'s columns (a hook stops the forward pass after the conv)."""
+    found: list[Tensor] = []
+
+    def hook(_m, _inputs, out):
+        b, co = out.shape[:2]
+        y = out.float().reshape(b, groups, co // groups, -1)
+        found.append(y.permute(1, 2, 0, 3).reshape(groups, co // groups, -1))
+        raise _Stop
+
+    _run_until(model, name, x, model.get_submodule(name).register_forward_hook(hook))
+    return found[0]
+
+
+def _run_until(model: nn.Module, name: str, x: Tensor, handle) -> None:
+    """Run ``model`` on ``x`` until the hook ``handle`` on the module ``name`` stops it, then
+    remove the hook."""
+    model.eval()
+    try:
+        model(x)
+    except _Stop:
+        return
+    finally:
+        handle.remove()
+    raise UserError(f"layer {name} never ran on the calibration images")
 
 
 def _patches(model: nn.Module, name: str, x: Tensor) -> Tensor:
@@ -213,14 +300,5 @@ def _patches(model: nn.Module, name: str, x: Tensor) -> Tensor:
         found.append(torch.cat([cols, ones], 2).permute(1, 2, 0, 3).reshape(groups, d + 1, -1))
         raise _Stop
 
-    handle = conv.register_forward_pre_hook(hook)
-    model.eval()
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not found:
-        raise UserError(f"layer {name} never ran on the calibration images")
+    _run_until(model, name, x, conv.register_forward_pre_hook(hook))
     return found[0]
