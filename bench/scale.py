@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fit alone: {kernels:,} kernels, wall {fit['wall_s']:.1f} s, "
           f"CPU {fit['cpu_s']:.1f} s, peak RSS {fit['peak_rss_mb']:.0f} MB "
           f"(load before {fit['load_before']:.1f})")  # fmt: skip
-    for t in [float(x) for x in args.thresholds.split(",")]:
+    for t in [float(x) for x in args.thresholds.split(",") if x.strip()]:
         out = work / f"t{t:g}"
         out.mkdir(exist_ok=True)
         cmd = [PYTHON, "-m", "acl_convert", str(ckpt.resolve()), "-l", "all", "-t", f"{t:g}",

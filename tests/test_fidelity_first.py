@@ -675,6 +675,23 @@ def test_compensation_does_not_overfit_a_wide_layer_with_few_patches(blur):
     assert _conv2_error(converted, model, *compensated(w, b, many), unseen) < 0.95 * original
 
 
+def test_joint_resolve_does_not_depend_on_the_thread_count(monkeypatch):
+    """Output channels are solved in chunks fixed by the layer's shape, each single-threaded,
+    so one thread and three give the same bits (same machine, same code path)."""
+    W, bias, _x, mom = _toy_layer(seed=6, co=20, ci=3, k=5)
+    fit = fit_kernels(W.reshape(-1, 5, 5), families=["G", "M"], device="cpu")
+    sel = fit.select(0.6)
+    start = fit.assignment(sel, W, bias)
+    solved = []
+    for n in (1, 3):
+        monkeypatch.setenv("ACL_CONVERT_THREADS", str(n))
+        solved.append(resolve(start, W, bias, mom.full))
+    one, three = (s.assignment for s in solved)
+    for name in ("gain", "offset", "plain", "bias"):
+        assert torch.equal(getattr(one, name), getattr(three, name)), name
+    assert torch.equal(solved[0].error_after, solved[1].error_after)
+
+
 def test_joint_resolve_keeps_plain_kernels_when_they_would_make_it_too_big(monkeypatch):
     """Beyond PLAIN_RESOLVE_LIMIT unknowns the plain kernels keep their values and the gains,
     offsets and bias are the least-squares solution around them: the gradient of the output
