@@ -616,6 +616,26 @@ def test_cross_moment_is_the_patch_cross_moment_times_the_original_weights(tiny_
     assert torch.allclose(mom.cross[0], expected, rtol=0, atol=1e-5 * scale)
 
 
+def test_moments_halves_are_the_odd_images_whatever_the_batches(tiny_setup):
+    """With a reference, ``half`` holds the odd-numbered images' moments, and batches of one
+    image (each of one parity only) give what one batch gives."""
+    model, _, _, _, x = tiny_setup
+    one = Calibration([x[:5]]).moments(model, "conv2", reference=model)
+    singles = Calibration(list(x[:5].split(1))).moments(model, "conv2", reference=model)
+    odd = Calibration([x[1:5:2]]).moments(model, "conv2", reference=model)
+    positions = 20 * 20
+    assert one.count == singles.count == 5 * positions
+    assert one.half.count == singles.half.count == 2 * positions
+    # conv2's inputs and outputs are float32 conv results, which another batch size may round
+    # differently (relative ~1e-7); the sums themselves are float64.
+    for got in (one, singles):
+        assert torch.allclose(got.full, one.full, rtol=0, atol=1e-6 * float(one.full.max()))
+        assert torch.allclose(got.half.full, odd.full, rtol=0, atol=1e-6 * float(odd.full.max()))
+        scale = float(odd.cross.abs().max())
+        assert torch.allclose(got.half.cross, odd.cross, rtol=0, atol=1e-5 * scale)
+    assert Calibration([x[:1]]).moments(model, "conv2", reference=model).half is None
+
+
 class _Wide(nn.Module):
     """A wide conv on a small map: 577 unknowns per output channel, 16 patches an image."""
 

@@ -152,7 +152,8 @@ class Calibration:
             else:
                 for parity, half in enumerate(sums):
                     picked = [i for i in range(len(x)) if (seen + i) % 2 == parity]
-                    half.add(*(_images(t, len(x), picked) for t in (cols, ref)))
+                    if picked:  # a batch of one image has one parity only
+                        half.add(*(_images(t, len(x), picked) for t in (cols, ref)))
             seen += len(x)
             if progress is not None:
                 progress(len(x))
