@@ -72,6 +72,10 @@ def _child(workdir: Path, args: list[str], target, counts_file: Path | None) -> 
     err = os.open(workdir.parent / f"{workdir.name}.stderr", os.O_WRONLY | os.O_CREAT, 0o644)
     os.dup2(out, 1)
     os.dup2(err, 2)
+    # As a user at a terminal has it: a shell without job control starts background jobs with
+    # SIGINT ignored (``nohup cmd &``, CI runners), Python then installs no KeyboardInterrupt
+    # handler, and every SIGINT of this test would be lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     counts: dict[str, int] = {}
     _install(counts, target)
     from acl_convert_cli.main import app
