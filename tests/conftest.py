@@ -1,6 +1,7 @@
 """Shared fixtures: the real data in ``../shared/data`` (read only, never written), the real
-sample that comes with the package (SqueezeNet's conv1, on every machine), and a way to run the
-command line in-process with stdout and stderr kept apart."""
+sample that comes with the package (SqueezeNet's conv1, on every machine), a way to run the
+command line in-process with stdout and stderr kept apart, and a user-shaped project (a network
+in the user's own file, its checkpoint and two labelled images)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,57 @@ def listing(folder: Path) -> set[str]:
 def files_in() -> Callable[[Path], set[str]]:
     """``files_in(folder)``: the set of paths under ``folder``, hidden temporary files included."""
     return listing
+
+
+#: A user's own network, as a file for ``--arch tinynet.py:make``: a strided 3x3 stem, a grouped
+#: bias-less conv and a BatchNorm.
+TINYNET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        return self.fc(self.bn(self.conv2(x)).mean((2, 3)))
+
+
+def make():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def tiny_project(folder: Path, shade: int, labels: bool = True) -> str:
+    """Write :data:`TINYNET` as ``tinynet.py``, its seeded weights as ``tiny.pth`` and two 32x32
+    images ``imgs/im0.png``, ``imgs/im1.png`` (red ``0`` and ``shade``; with ``labels``, a
+    ``labels.csv`` giving classes 0 and 2) into ``folder``. Returns the ``--arch`` spec."""
+    import torch
+    from PIL import Image
+
+    from acl_convert.io.arch import build_model
+
+    (folder / "tinynet.py").write_text(TINYNET)
+    arch = f"{folder / 'tinynet.py'}:make"
+    torch.save(build_model(arch).state_dict(), folder / "tiny.pth")
+    images = folder / "imgs"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (shade * i, 90, 200)).save(images / f"im{i}.png")
+    if labels:
+        (images / "labels.csv").write_text("file,index\nim0.png,0\nim1.png,2\n")
+    return arch
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``tmp_path`` as the working directory, so default outputs land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -106,6 +106,12 @@ def run_cli(invoke, *args):
     return result
 
 
+def finetune_cli(invoke, anann, images, teacher, out, *options):
+    """``acl-convert finetune ANANN --data IMAGES --teacher TEACHER -o OUT -q [options]``."""
+    run_cli(invoke, "finetune", anann, "--data", images, "--teacher", teacher, *options, "-o",
+            out, "-q")  # fmt: skip
+
+
 # --- (a) the user's own network, file.py:Factory --------------------------------------------
 
 
@@ -154,21 +160,7 @@ def test_user_network_through_the_cli(invoke, tmp_path, user_net):
     doc = json.loads(ev.stdout)
     assert doc["images"] == 8 and 0 <= doc["agreement"] <= 1
     ft = tmp_path / "ft.anann.safetensors"
-    run_cli(
-        invoke,
-        "finetune",
-        ana,
-        "--data",
-        imgs,
-        "--teacher",
-        ckpt,
-        "--trust-code",
-        "--batch-size",
-        "4",
-        "-o",
-        ft,
-        "-q",
-    )
+    finetune_cli(invoke, ana, imgs, ckpt, ft, "--trust-code", "--batch-size", "4")
     run_cli(invoke, "bake", ft, "-o", baked, "-q")
     model = acl_convert.load_anann(ft, trust_code=True)
     assert isinstance(model.stem, ACL) and model.dw.groups == 8
@@ -249,20 +241,7 @@ def test_timm_model_through_the_cli_and_python(invoke, tmp_path):
     # Recorded and not user code: later commands find the architecture without being told.
     ev = run_cli(invoke, "evaluate", ana, "--data", imgs, "--json", "-q", "--compare", ckpt)
     assert json.loads(ev.stdout)["arch"] == "timm:resnet18"
-    run_cli(
-        invoke,
-        "finetune",
-        ana,
-        "--data",
-        imgs,
-        "--teacher",
-        ckpt,
-        "--batch-size",
-        "2",
-        "-o",
-        tmp_path / "ft.anann.safetensors",
-        "-q",
-    )
+    finetune_cli(invoke, ana, imgs, ckpt, tmp_path / "ft.anann.safetensors", "--batch-size", "2")
     run_cli(invoke, "bake", ana, "-o", baked, "-q")
     model = acl_convert.load_anann(ana)
     assert_bakes_into(timm.create_model("resnet18", pretrained=False), ana, baked, model)
@@ -308,20 +287,7 @@ def test_lightning_checkpoint_is_unwrapped_and_says_so(invoke, tmp_path):
     assert "left out 5 other entries" in result.stderr
     assert "architecture detected: squeezenet1_1" in result.stderr
     run_cli(invoke, "evaluate", ana, "--data", imgs, "-q", "--compare", ckpt)
-    run_cli(
-        invoke,
-        "finetune",
-        ana,
-        "--data",
-        imgs,
-        "--teacher",
-        ckpt,
-        "--batch-size",
-        "2",
-        "-o",
-        tmp_path / "ft.anann.safetensors",
-        "-q",
-    )
+    finetune_cli(invoke, ana, imgs, ckpt, tmp_path / "ft.anann.safetensors", "--batch-size", "2")
     run_cli(invoke, "bake", ana, "-o", baked, "-q")
     assert_bakes_into(
         torchvision.models.squeezenet1_1(weights=None), ana, baked, acl_convert.load_anann(ana)

@@ -43,13 +43,6 @@ def tiny_state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``tmp_path`` as the working directory, so default outputs land there."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
 def tiny(work: Path) -> Path:
     path = work / f"{TINY_STEM}.pth"
     torch.save(tiny_state(), path)

@@ -29,41 +29,17 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import tiny_project
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from torch import nn
 
 from acl_convert import convert_model, load_anann
 from acl_convert.errors import UserError
 from acl_convert.io.anann import bake_state_dict, read_anann
-from acl_convert.io.arch import build_model
 from acl_convert.io.network import load_network
 from acl_convert.kernels import PAPER_FAMILIES
 from acl_convert.report import kernel_table
-
-TINYNET = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, stride=4, padding=1)
-        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        return self.fc(self.bn(self.conv2(x)).mean((2, 3)))
-
-
-def make():
-    torch.manual_seed(0)
-    return Net()
-"""
 
 CASES = settings(
     max_examples=80,
@@ -99,10 +75,8 @@ REPLACEMENTS = [
 def base(tmp_path_factory, invoke) -> dict:
     """``{"folder", "arch", "files": {"plain": path, "tied": path}, "images"}``."""
     folder = tmp_path_factory.mktemp("anann-base")
-    (folder / "tinynet.py").write_text(TINYNET)
-    arch = f"{folder / 'tinynet.py'}:make"
+    arch = tiny_project(folder, shade=40)
     ckpt = folder / "tiny.pth"
-    torch.save(build_model(arch).state_dict(), ckpt)
     files = {}
     for kind, extra in (("plain", ["--threshold", "0.6"]), ("tied", ["--tie-channels"])):
         out = folder / f"{kind}.anann.safetensors"
@@ -110,10 +84,6 @@ def base(tmp_path_factory, invoke) -> dict:
         assert result.exit_code == 0, result.stderr
         files[kind] = out
     images = folder / "imgs"
-    images.mkdir()
-    for i in range(2):
-        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(images / f"im{i}.png")
-    (images / "labels.csv").write_text("file,index\nim0.png,0\nim1.png,2\n")
     return {"folder": folder, "arch": arch, "files": files, "ckpt": ckpt, "images": images}
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import acl_convert_cli
 import pytest
 import torch
+from conftest import tiny_project
 from PIL import Image
 
 import acl_convert
@@ -35,29 +36,6 @@ from acl_convert.errors import UserError
 from acl_convert.io.anann import read_anann
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
-
-TINYNET = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, stride=4, padding=1)
-        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        return self.fc(self.bn(self.conv2(x)).mean((2, 3)))
-
-
-def make():
-    torch.manual_seed(0)
-    return Net()
-"""
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
 
@@ -157,14 +135,7 @@ def check_run(run: dict, pristine: Path, inputs: list[str], outputs: list[str]) 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("faults-project")
-    (folder / "tinynet.py").write_text(TINYNET)
-    from acl_convert.io.arch import build_model
-
-    torch.save(build_model(f"{folder / 'tinynet.py'}:make").state_dict(), folder / "tiny.pth")
-    images = folder / "imgs"
-    images.mkdir()
-    for i in range(2):
-        Image.new("RGB", (32, 32), (70 * i, 90, 200)).save(images / f"im{i}.png")
+    tiny_project(folder, shade=70, labels=False)
     return folder
 
 

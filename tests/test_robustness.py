@@ -21,57 +21,20 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import tiny_project
 from PIL import Image
 
 from acl_convert.io.anann import read_anann, save_anann
 
-TINYNET = """
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, stride=4, padding=1)
-        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        return self.fc(self.bn(self.conv2(x)).mean((2, 3)))
-
-
-def make():
-    torch.manual_seed(0)
-    return Net()
-"""
-
-
 # --- fixtures and helpers -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.fixture
 def net(work: Path) -> dict:
     """A user-shaped network (``--arch tinynet.py:make``), its checkpoint, two labelled
     images and an AnaNN of it."""
-    (work / "tinynet.py").write_text(TINYNET)
-    from acl_convert.io.arch import build_model
-
-    state = build_model("tinynet.py:make").state_dict()
-    torch.save(state, work / "tiny.pth")
-    images = work / "imgs"
-    images.mkdir()
-    for i in range(2):
-        Image.new("RGB", (32, 32), (60 * i, 90, 200)).save(images / f"im{i}.png")
-    (images / "labels.csv").write_text("file,index\nim0.png,0\nim1.png,2\n")
+    tiny_project(work, shade=60)
+    state = torch.load(work / "tiny.pth", weights_only=True)
     return {"arch": ["--arch", "tinynet.py:make"], "ckpt": work / "tiny.pth", "state": state}
 
 
@@ -468,7 +431,6 @@ def test_decompression_bomb_images(invoke, net, work):
             "tinynet.py:make",
             "-l",
             "conv1",
-            *net["arch"],
             "--calibration",
             "imgs",
         ],

@@ -135,9 +135,9 @@ class Calibration:
         per_group = conv.out_channels // groups
         # With a reference, the even- and odd-numbered images are summed apart: the odd ones'
         # moments are the half that the compensation's ridge is validated on.
-        sums = [_Sums(groups, d, per_group if reference is not None else 0)]
+        sums = [_Sums.zeros(groups, d, per_group if reference is not None else 0)]
         if reference is not None:
-            sums.append(_Sums(groups, d, per_group))
+            sums.append(_Sums.zeros(groups, d, per_group))
         seen = 0
         for x in self.batches:
             cols = _patches(model, name, x)  # (G, D + 1, B * L)
@@ -166,14 +166,21 @@ class Calibration:
         return out
 
 
+@dataclass
 class _Sums:
-    """Running float64 sums of ``[x; 1][x; 1]^T`` (and ``[x; 1] y_ref^T`` with ``outputs``
-    columns) over a set of patches."""
+    """Running float64 sums of ``[x; 1][x; 1]^T`` (and of ``[x; 1] y_ref^T``) over a set of
+    patches."""
 
-    def __init__(self, groups: int, d: int, outputs: int) -> None:
-        self.total = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
-        self.cross = torch.zeros(groups, d + 1, outputs, dtype=torch.float64) if outputs else None
-        self.count = 0
+    total: Tensor
+    cross: Tensor | None
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, groups: int, d: int, outputs: int) -> _Sums:
+        """Empty sums; ``outputs``: the reference's columns per group (0: no reference)."""
+        total = torch.zeros(groups, d + 1, d + 1, dtype=torch.float64)
+        cross = torch.zeros(groups, d + 1, outputs, dtype=torch.float64) if outputs else None
+        return cls(total, cross)
 
     def add(self, cols: Tensor, ref: Tensor | None) -> None:
         """Add patches ``(G, D + 1, P)`` (and the reference outputs ``(G, Co/G, P)``)."""
@@ -192,12 +199,9 @@ class _Sums:
         self.count += cols.shape[2]
 
     def merged(self, other: _Sums) -> _Sums:
-        """Both sets of patches together (``other`` stays as it is)."""
-        out = _Sums(0, 0, 0)
-        out.total = self.total + other.total
-        out.cross = None if self.cross is None else self.cross + other.cross
-        out.count = self.count + other.count
-        return out
+        """Both sets of patches together."""
+        cross = None if self.cross is None else self.cross + other.cross
+        return _Sums(self.total + other.total, cross, self.count + other.count)
 
     def moments(self, kernel_size: tuple[int, int]) -> LayerMoments:
         return LayerMoments(
