@@ -60,11 +60,6 @@ class LayerMoments:
     def groups(self) -> int:
         return self.full.shape[0]
 
-    @property
-    def channels_per_group(self) -> int:
-        h, w = self.kernel_size
-        return (self.full.shape[1] - 1) // (h * w)
-
     def blocks(self) -> Tensor:
         """``(Ci, n, n)``: the diagonal block of every input channel (``n = h*w``), the moment
         that weights a single kernel's residual."""

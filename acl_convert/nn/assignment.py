@@ -11,7 +11,6 @@ one function that turns it into kernel values is :meth:`Assignment.kernels`, bui
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,8 +163,3 @@ class Assignment:
         return pattern.parameter_count_tied(
             items, h, w, gain=self.gain_enabled, offset=self.offset_enabled
         )
-
-
-def stack_codes(codes: Sequence[str], per_row: int) -> list[str]:
-    """Codes of rows (e.g. one per output channel) repeated for the ``per_row`` kernels of each."""
-    return [c for c in codes for _ in range(per_row)]
