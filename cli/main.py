@@ -36,6 +36,7 @@ from typer.core import TyperGroup
 import acl_convert
 from acl_convert.errors import UsageError, UserError, os_error
 from acl_convert.io.outputs import written
+from acl_convert.memory import keep_freed_memory
 from acl_convert.report.terminal import print_report
 from acl_convert.settings import check_device
 
@@ -1125,6 +1126,7 @@ def _write_sweep(doc: dict, outputs: dict, name: str) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    keep_freed_memory()  # this process is ours: reuse freed memory instead of re-faulting it
     app()
 
 

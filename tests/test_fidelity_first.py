@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from torch import nn
 
 from acl_convert import kernels
 from acl_convert.calibration.compensate import compensated
+from acl_convert.calibration import moments as moments_module
 from acl_convert.calibration.moments import Calibration, execution_order
 from acl_convert.errors import UsageError
 from acl_convert.fit import fit_kernels, metric
@@ -639,6 +643,24 @@ def test_moments_halves_are_the_odd_images_whatever_the_batches(tiny_setup):
     assert Calibration([x[:1]]).moments(model, "conv2", reference=model).half is None
 
 
+def test_moments_do_not_depend_on_pieces_or_chunks(tiny_setup, monkeypatch):
+    """Batches are run in pieces of images and summed in chunks of patches, both sized by
+    bytes; with both down to one image and one patch the moments, their odd half and the cross
+    moment are what whole batches give (to float32 rounding: the network's activations for
+    another batch size may round differently)."""
+    model, _, _, _, x = tiny_setup
+    whole = Calibration([x[:3], x[3:6]]).moments(model, "conv2", reference=model)
+    monkeypatch.setattr(moments_module, "PIECE_BYTES", 1)
+    monkeypatch.setattr(moments_module, "_CHUNK_BYTES", 1)
+    small = Calibration([x[:3], x[3:6]]).moments(model, "conv2", reference=model)
+    assert small.count == whole.count and small.half.count == whole.half.count
+    for a, b in ((small, whole), (small.half, whole.half)):
+        for key in ("full", "cross"):
+            got, want = getattr(a, key), getattr(b, key)
+            scale = float(want.abs().max())
+            assert torch.allclose(got, want, rtol=0, atol=1e-6 * scale), key
+
+
 class _Wide(nn.Module):
     """A wide conv on a small map: 577 unknowns per output channel, 16 patches an image."""
 
@@ -764,3 +786,13 @@ def test_joint_resolve_keeps_plain_kernels_when_they_would_make_it_too_big(monke
         # Gabor's gain runs to the thousands) and float64 rounding.
         pull = joint.RIDGE * normal.diagonal().mean() * torch.tensor(coef).abs()
         assert bool(((phi.T @ grad).abs() <= 1e-6 * scale + 2 * pull + 1e-12).all()), q
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_keep_freed_memory_takes_on_glibc():
+    """The allocator settings the command line makes (acl_convert.memory) are accepted by this
+    platform's C library, in a fresh process so this one's allocator is left as it is."""
+    code = "from acl_convert.memory import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    libc = platform.libc_ver()[0]
+    assert out.stdout.strip() == ("True" if libc == "glibc" else "False"), (libc, out.stdout)

@@ -9,12 +9,14 @@ compound unseen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from ..errors import UserError
 from ..fit.metric import channel_blocks
@@ -22,8 +24,15 @@ from ..fit.metric import channel_blocks
 __all__ = ["Calibration", "LayerMoments", "execution_order"]
 
 
-#: Patches per float64 product when summing the moments.
-_CHUNK = 1 << 14
+#: Bytes of one float64 copy of patches when summing the moments (see :data:`PIECE_BYTES`).
+_CHUNK_BYTES = 16 << 20
+#: Bytes of the largest tensor (a layer's input patches, or any module's output on the way to
+#: it) of one piece: the images of a batch are run through the network in pieces this small.
+#: glibc serves allocations over 32 MiB with fresh ``mmap`` pages, so larger
+#: temporaries (patches, activations) are page-faulted in anew every batch; measured on
+#: MobileNetV2 (every 3x3 conv, 256 images in batches of 16): 158 s wall with 144 s of system
+#: time, 78 s with 17 s in pieces of two images (bench/scale.py, docs/performance.md).
+PIECE_BYTES = 24 << 20
 
 
 class _Stop(Exception):
@@ -120,7 +129,7 @@ class Calibration:
         over all its input patches (zero padding included, as the conv sees it). With
         ``reference`` (the original network), also average ``[x; 1] y_ref^T`` with the same
         layer's output there, image by image and position by position. ``progress(images)`` is
-        called after every batch."""
+        called after every piece of images (see :data:`PIECE_BYTES`)."""
         conv = model.get_submodule(name)
         if not isinstance(conv, nn.Conv2d) and not hasattr(conv, "kernel_size"):
             raise UserError(f"{name} is not a convolution; cannot collect its inputs")
@@ -133,9 +142,15 @@ class Calibration:
         sums = [_Sums.zeros(groups, d, per_group if reference is not None else 0)]
         if reference is not None:
             sums.append(_Sums.zeros(groups, d, per_group))
-        seen = 0
-        for x in self.batches:
-            cols = _patches(model, name, x)  # (G, D + 1, B * L)
+        seen, piece = 0, 0  # the first image alone, to learn what one image allocates
+        for x in _pieces(self.batches, lambda: piece or 1):
+            if not piece:
+                with _largest_output() as largest:
+                    cols = _patches(model, name, x)  # (G, D, B * L)
+                per_image = max(largest[0], cols.numel() * cols.element_size()) // len(x)
+                piece = max(1, PIECE_BYTES // max(per_image, 1))
+            else:
+                cols = _patches(model, name, x)
             ref = None if reference is None else _outputs(reference, name, x, groups)
             if ref is not None and ref.shape[2] != cols.shape[2]:
                 raise UserError(
@@ -147,7 +162,9 @@ class Calibration:
             else:
                 for parity, half in enumerate(sums):
                     picked = [i for i in range(len(x)) if (seen + i) % 2 == parity]
-                    if picked:  # a batch of one image has one parity only
+                    if len(picked) == len(x):  # a piece of one image has one parity
+                        half.add(cols, ref)
+                    elif picked:
                         half.add(*(_images(t, len(x), picked) for t in (cols, ref)))
             seen += len(x)
             if progress is not None:
@@ -178,7 +195,8 @@ class _Sums:
         return cls(total, cross)
 
     def add(self, cols: Tensor, ref: Tensor | None) -> None:
-        """Add patches ``(G, D + 1, P)`` (and the reference outputs ``(G, Co/G, P)``)."""
+        """Add patches ``x`` ``(G, D, P)`` (and the reference outputs ``(G, Co/G, P)``); the
+        constant coordinate of ``[x; 1]`` is summed here, not stored with them."""
         # Summed in float64: a float32 product over thousands of patches is off by ~1e-8 of the
         # largest eigenvalue, more than the smallest eigenvalues of smooth images' patch moments
         # (3e-12 of the largest on the tests' blurred noise), so S came out indefinite, the
@@ -186,12 +204,20 @@ class _Sums:
         # sweeps could raise the output error (1.2 -> 2.7 on a toy layer), and both followed
         # the CPU's float32 summation order (MKL's differs between Intel and AMD). Chunks of
         # patches bound the float64 copies.
-        for lo in range(0, cols.shape[2], _CHUNK):
-            part = cols[:, :, lo : lo + _CHUNK].double()
-            self.total.add_(part @ part.transpose(1, 2))
+        g, d, patches = cols.shape
+        wide = max(d, 0 if ref is None else ref.shape[1])
+        chunk = max(1, _CHUNK_BYTES // (8 * g * wide))
+        for lo in range(0, patches, chunk):
+            part = cols[:, :, lo : lo + chunk].double()
+            self.total[:, :d, :d].add_(part @ part.transpose(1, 2))
+            self.total[:, :d, d].add_(part.sum(2))
             if self.cross is not None:
-                self.cross.add_(part @ ref[:, :, lo : lo + _CHUNK].double().transpose(1, 2))
-        self.count += cols.shape[2]
+                out = ref[:, :, lo : lo + chunk].double()
+                self.cross[:, :d].add_(part @ out.transpose(1, 2))
+                self.cross[:, d].add_(out.sum(2))
+        self.total[:, d, :d] = self.total[:, :d, d]  # symmetric
+        self.total[:, d, d] += patches
+        self.count += patches
 
     def merged(self, other: _Sums) -> _Sums:
         """Both sets of patches together."""
@@ -205,6 +231,33 @@ class _Sums:
             count=self.count,
             cross=None if self.cross is None else self.cross / self.count,
         )
+
+
+@contextmanager
+def _largest_output() -> Iterator[list[int]]:
+    """``[bytes]`` of the largest tensor output by any module while inside."""
+    largest = [0]
+
+    def hook(_m, _inputs, out):
+        if isinstance(out, Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    handle = register_module_forward_hook(hook)
+    try:
+        yield largest
+    finally:
+        handle.remove()
+
+
+def _pieces(batches: list[Tensor], size: Callable[[], int]) -> Iterator[Tensor]:
+    """The images of ``batches`` in order, as views of at most ``size()`` images each (asked
+    before every piece), never across two batches."""
+    for x in batches:
+        start = 0
+        while start < len(x):
+            n = size()
+            yield x[start : start + n]
+            start += n
 
 
 def _images(columns: Tensor, images: int, picked: list[int]) -> Tensor:
@@ -272,8 +325,9 @@ def _run_until(model: nn.Module, name: str, x: Tensor, handle) -> None:
 
 
 def _patches(model: nn.Module, name: str, x: Tensor) -> Tensor:
-    """The input patches ``[x; 1]`` of the conv ``name`` of ``model`` on images ``x``,
-    ``(G, D + 1, B * L)`` (a hook stops the forward pass at the conv)."""
+    """The input patches ``x`` of the conv ``name`` of ``model`` on images ``x``,
+    ``(G, D, B * L)`` (a hook stops the forward pass at the conv); for one image, a view of the
+    unfolded input (no copy)."""
     conv = model.get_submodule(name)
     h, w = conv.kernel_size
     groups = conv.groups
@@ -295,9 +349,8 @@ def _patches(model: nn.Module, name: str, x: Tensor) -> Tensor:
             pad = (0, 0)
         cols = F.unfold(x, (h, w), conv.dilation, pad, conv.stride)  # (B, Ci*h*w, L)
         b, _, positions = cols.shape
-        cols = cols.view(b, groups, d, positions)
-        ones = torch.ones(b, groups, 1, positions, dtype=cols.dtype)
-        found.append(torch.cat([cols, ones], 2).permute(1, 2, 0, 3).reshape(groups, d + 1, -1))
+        cols = cols.view(b, groups, d, positions).permute(1, 2, 0, 3)
+        found.append(cols.reshape(groups, d, b * positions))
         raise _Stop
 
     _run_until(model, name, x, conv.register_forward_pre_hook(hook))
