@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ from conversion_sweep import MODELS, load_split  # noqa: E402
 from acl_convert import convert_model  # noqa: E402
 from acl_convert.calibration.compensate import compensated  # noqa: E402
 from acl_convert.calibration.moments import Calibration, execution_order  # noqa: E402
+from acl_convert.fit.reconstruct import damped_step  # noqa: E402
 from acl_convert.io.arch import build_model  # noqa: E402
 from acl_convert.io.checkpoint import load_checkpoint  # noqa: E402
 from acl_convert.nn.acl import ACL  # noqa: E402
@@ -203,15 +203,7 @@ def _train_conv1(model, head, images, target, steps: int, lr: float, seed: int =
             idx = torch.randint(0, len(images), (32,), generator=gen)
             ref = target[idx]
             loss = (head(model, images[idx]) - ref).square().sum() / ref.square().sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for g, rate in zip(groups, base, strict=True):
-                g["lr"] = rate * 0.5 * (1 + math.cos(math.pi * step / steps))
-            before = [p.detach().clone() for p, _ in damp]
-            optimizer.step()
-            with torch.no_grad():
-                for (p, scale), old in zip(damp, before, strict=True):
-                    p.copy_(old + (p - old) * scale)
+            damped_step(optimizer, loss, base, damp, step / steps)
     finally:
         for h in hooks:
             h.remove()

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from acl_convert import kernels
-from acl_convert.calibration.compensate import compensated
 from acl_convert.calibration import moments as moments_module
+from acl_convert.calibration.compensate import compensated
 from acl_convert.calibration.moments import Calibration, execution_order
 from acl_convert.errors import UsageError
 from acl_convert.fit import fit_kernels, metric

@@ -142,13 +142,13 @@ class Calibration:
         sums = [_Sums.zeros(groups, d, per_group if reference is not None else 0)]
         if reference is not None:
             sums.append(_Sums.zeros(groups, d, per_group))
-        seen, piece = 0, 0  # the first image alone, to learn what one image allocates
-        for x in _pieces(self.batches, lambda: piece or 1):
-            if not piece:
+        seen, piece = 0, [0]  # the first image alone, to learn what one image allocates
+        for x in _pieces(self.batches, lambda: piece[0] or 1):
+            if not piece[0]:
                 with _largest_output() as largest:
                     cols = _patches(model, name, x)  # (G, D, B * L)
                 per_image = max(largest[0], cols.numel() * cols.element_size()) // len(x)
-                piece = max(1, PIECE_BYTES // max(per_image, 1))
+                piece[0] = max(1, PIECE_BYTES // max(per_image, 1))
             else:
                 cols = _patches(model, name, x)
             ref = None if reference is None else _outputs(reference, name, x, groups)

@@ -23,7 +23,7 @@ from ..nn.assignment import Assignment
 from ..train.finetune import FinetuneConfig, _akp_damping, _hold_jumpy_angles, param_groups
 from .joint import _quadratic, _with_bias
 
-__all__ = ["reconstruct", "RECONSTRUCT_LR"]
+__all__ = ["reconstruct", "damped_step", "RECONSTRUCT_LR"]
 
 #: Relative learning rates (see :func:`acl_convert.train.finetune.param_groups`): the AKPs
 #: (radians, log-scales) and the gains, offsets and plain kernels (on the layer's kernel size).
@@ -79,22 +79,29 @@ def reconstruct(
                 best_state = {k: v.detach().clone() for k, v in acl.state_dict().items()}
             if step == steps:
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            decay = 0.5 * (1 + math.cos(math.pi * step / steps))
-            for group, rate in zip(groups, base, strict=True):
-                group["lr"] = rate * decay
-            before = [p.detach().clone() for p, _ in damp]
-            optimizer.step()
-            with torch.no_grad():
-                for (p, scale), old in zip(damp, before, strict=True):
-                    p.copy_(old + (p - old) * scale)
+            damped_step(optimizer, loss, base, damp, step / steps)
     finally:
         for h in hooks:
             h.remove()
     acl.load_state_dict(best_state)
     out = acl.eval().assignment()
     return out.replace(bias=None if assignment.bias is None else out.bias)
+
+
+def damped_step(optimizer, loss: Tensor, base: list[float], damp: list, progress: float) -> None:
+    """One Adam step on ``loss``: the groups' rates ``base`` cosine-decayed at ``progress``
+    (0 to 1), each AKP's move shrunk by its damping factor (``damp``, see
+    :func:`~acl_convert.train.finetune._akp_damping`)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    decay = 0.5 * (1 + math.cos(math.pi * progress))
+    for group, rate in zip(optimizer.param_groups, base, strict=True):
+        group["lr"] = rate * decay
+    before = [p.detach().clone() for p, _ in damp]
+    optimizer.step()
+    with torch.no_grad():
+        for (p, scale), old in zip(damp, before, strict=True):
+            p.copy_(old + (p - old) * scale)
 
 
 def _error(acl: ACL, target: Tensor, sig: Tensor) -> Tensor:
