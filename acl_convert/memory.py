@@ -6,8 +6,8 @@ returns freed memory at the top of its heap to the system once more than its tri
 is free, and serves blocks above its (adaptive) mmap threshold with fresh ``mmap`` pages, so
 the same memory is page-faulted in, zeroed, over and over: measured on MobileNetV2 (every 3x3
 conv, 256 calibration images, 2-core AMD EPYC), 23 million page faults and 43 s of system time
-in a 95 s conversion; with freed memory kept for reuse, 1.3 million faults, 4 s and 67 s wall
-at the same peak memory (docs/performance.md).
+in a 95 s conversion; with freed memory kept for reuse, 1.3 million faults, 4 s and 67 s wall,
+the peak resident memory 1.74 -> 1.87 GB (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ _TRIM_THRESHOLD = 1 << 30
 
 def keep_freed_memory() -> bool:
     """Tell glibc's ``malloc`` to keep freed memory for reuse (up to 1 GiB at the heap's top)
-    and to serve blocks up to 32 MiB from the heap, for the rest of the process. The peak
-    memory stays the same; memory freed after it is given back later or not at the process's
-    end. Called by the command line, which owns its process; a Python program may call it too.
+    and to serve blocks up to 32 MiB from the heap, for the rest of the process. Memory freed
+    is reused instead of page-faulted in anew; the peak resident memory grows a little (up to
+    ~7 % measured: freed blocks are not given back between layers). Called by the command
+    line, which owns its process; a Python program may call it too.
 
     Returns:
         Whether the settings took (False off glibc, e.g. on macOS or musl).

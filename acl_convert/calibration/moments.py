@@ -31,7 +31,7 @@ _CHUNK_BYTES = 16 << 20
 #: glibc serves allocations over 32 MiB with fresh ``mmap`` pages, so larger
 #: temporaries (patches, activations) are page-faulted in anew every batch; measured on
 #: MobileNetV2 (every 3x3 conv, 256 images in batches of 16): 158 s wall with 144 s of system
-#: time, 78 s with 17 s in pieces of two images (bench/scale.py, docs/performance.md).
+#: time in whole batches, 79-95 s with 23-43 s in pieces (docs/performance.md).
 PIECE_BYTES = 24 << 20
 
 
