@@ -63,16 +63,10 @@ from conversion_sweep import MODELS, load_split  # noqa: E402
 from acl_convert import convert_model  # noqa: E402
 from acl_convert.calibration.compensate import compensated  # noqa: E402
 from acl_convert.calibration.moments import Calibration, execution_order  # noqa: E402
-from acl_convert.fit.reconstruct import damped_step  # noqa: E402
+from acl_convert.fit.reconstruct import DampedAdam  # noqa: E402
 from acl_convert.io.arch import build_model  # noqa: E402
 from acl_convert.io.checkpoint import load_checkpoint  # noqa: E402
 from acl_convert.nn.acl import ACL  # noqa: E402
-from acl_convert.train.finetune import (  # noqa: E402
-    FinetuneConfig,
-    _akp_damping,
-    _hold_jumpy_angles,
-    param_groups,
-)
 
 EXTENDED = "G,Lg,Tf,Ts,Lt,M,Ge,Dx,Dxx"
 PARTS = (
@@ -187,26 +181,14 @@ def _train_conv1(model, head, images, target, steps: int, lr: float, seed: int =
     random batches of 32 calibration images."""
     model.requires_grad_(False)
     acl = model.features[0].train()
-    groups = param_groups(
-        model,
-        FinetuneConfig(
-            train=("akp", "plain", "rest"), lr=dict.fromkeys(("akp", "plain", "rest"), lr)
-        ),
-    )
-    optimizer = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
-    hooks = _hold_jumpy_angles({"features.0": acl})
-    damp = _akp_damping({"features.0": acl})
+    rates = dict.fromkeys(("akp", "plain", "rest"), lr)
     gen = torch.Generator().manual_seed(seed)
-    try:
+    with DampedAdam(model, {"features.0": acl}, rates) as optimizer:
         for step in range(steps):
             idx = torch.randint(0, len(images), (32,), generator=gen)
             ref = target[idx]
             loss = (head(model, images[idx]) - ref).square().sum() / ref.square().sum()
-            damped_step(optimizer, loss, base, damp, step / steps)
-    finally:
-        for h in hooks:
-            h.remove()
+            optimizer.step(loss, step / steps)
     model.eval()
 
 

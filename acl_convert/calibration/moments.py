@@ -10,7 +10,7 @@ compound unseen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -142,15 +142,13 @@ class Calibration:
         sums = [_Sums.zeros(groups, d, per_group if reference is not None else 0)]
         if reference is not None:
             sums.append(_Sums.zeros(groups, d, per_group))
-        seen, piece = 0, [0]  # the first image alone, to learn what one image allocates
-        for x in _pieces(self.batches, lambda: piece[0] or 1):
-            if not piece[0]:
-                with _largest_output() as largest:
-                    cols = _patches(model, name, x)  # (G, D, B * L)
-                per_image = max(largest[0], cols.numel() * cols.element_size()) // len(x)
-                piece[0] = max(1, PIECE_BYTES // max(per_image, 1))
-            else:
-                cols = _patches(model, name, x)
+        seen, size = 0, [1]  # images per piece: the first alone, to learn what one allocates
+        for n, x in enumerate(_pieces(self.batches, lambda: size[0])):
+            with _largest_output() if n == 0 else nullcontext([0]) as largest:
+                cols = _patches(model, name, x)  # (G, D, B * L)
+            if n == 0:
+                per_image = max(largest[0], cols.numel() * cols.element_size())
+                size[0] = max(1, PIECE_BYTES // max(per_image, 1))
             ref = None if reference is None else _outputs(reference, name, x, groups)
             if ref is not None and ref.shape[2] != cols.shape[2]:
                 raise UserError(

@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..nn.acl import ACL
 from ..nn.assignment import Assignment
 from ..train.finetune import FinetuneConfig, _akp_damping, _hold_jumpy_angles, param_groups
 from .joint import _quadratic, _with_bias
 
-__all__ = ["reconstruct", "damped_step", "RECONSTRUCT_LR"]
+__all__ = ["reconstruct", "DampedAdam", "RECONSTRUCT_LR"]
 
 #: Relative learning rates (see :func:`acl_convert.train.finetune.param_groups`): the AKPs
 #: (radians, log-scales) and the gains, offsets and plain kernels (on the layer's kernel size).
@@ -64,14 +64,8 @@ def reconstruct(
     energy = float(_quadratic(target, sig).sum())
     if energy <= 0:
         return assignment
-    config = FinetuneConfig(train=("akp", "plain", "rest"), lr=dict(lr or RECONSTRUCT_LR))
-    groups = param_groups(acl, config)
-    optimizer = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
-    hooks = _hold_jumpy_angles({"": acl})
-    damp = _akp_damping({"": acl})
     best, best_state = math.inf, None
-    try:
+    with DampedAdam(acl, {"": acl}, dict(lr or RECONSTRUCT_LR)) as optimizer:
         for step in range(steps + 1):
             loss = _error(acl, target, sig) / energy
             if float(loss.detach()) < best:
@@ -79,29 +73,47 @@ def reconstruct(
                 best_state = {k: v.detach().clone() for k, v in acl.state_dict().items()}
             if step == steps:
                 break
-            damped_step(optimizer, loss, base, damp, step / steps)
-    finally:
-        for h in hooks:
-            h.remove()
+            optimizer.step(loss, step / steps)
     acl.load_state_dict(best_state)
     out = acl.eval().assignment()
     return out.replace(bias=None if assignment.bias is None else out.bias)
 
 
-def damped_step(optimizer, loss: Tensor, base: list[float], damp: list, progress: float) -> None:
-    """One Adam step on ``loss``: the groups' rates ``base`` cosine-decayed at ``progress``
-    (0 to 1), each AKP's move shrunk by its damping factor (``damp``, see
-    :func:`~acl_convert.train.finetune._akp_damping`)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    decay = 0.5 * (1 + math.cos(math.pi * progress))
-    for group, rate in zip(optimizer.param_groups, base, strict=True):
-        group["lr"] = rate * decay
-    before = [p.detach().clone() for p, _ in damp]
-    optimizer.step()
-    with torch.no_grad():
-        for (p, scale), old in zip(damp, before, strict=True):
-            p.copy_(old + (p - old) * scale)
+class DampedAdam:
+    """Adam on every AKP, gain, offset, plain kernel and bias of ``model`` (relative rates
+    ``lr`` by group, see :func:`~acl_convert.train.finetune.param_groups`), cosine-decayed over
+    the run, each AKP's move shrunk by its damping factor
+    (:func:`~acl_convert.train.finetune._akp_damping`) and the fine-tune's jumpy angles held,
+    for the layers ``acls`` (by name). A context manager: leaving it removes the angle hooks.
+    """
+
+    def __init__(self, model: nn.Module, acls: dict[str, ACL], lr: dict[str, float]) -> None:
+        config = FinetuneConfig(train=("akp", "plain", "rest"), lr=lr)
+        groups = param_groups(model, config)
+        self.optimizer = torch.optim.Adam(groups)
+        self.base = [g["lr"] for g in groups]
+        self.damp = _akp_damping(acls)
+        self.hooks = _hold_jumpy_angles(acls)
+
+    def __enter__(self) -> DampedAdam:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def step(self, loss: Tensor, progress: float) -> None:
+        """One step on ``loss``, the rates decayed to where ``progress`` (0 to 1) puts them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+        for group, rate in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = rate * decay
+        before = [p.detach().clone() for p, _ in self.damp]
+        self.optimizer.step()
+        with torch.no_grad():
+            for (p, scale), old in zip(self.damp, before, strict=True):
+                p.copy_(old + (p - old) * scale)
 
 
 def _error(acl: ACL, target: Tensor, sig: Tensor) -> Tensor:
